@@ -1,0 +1,8 @@
+"""Inference for Meta's Llama 2 models: `Llama.build(...)`, then `text_completion` or `chat_completion`."""
+
+from llama.chat_format import Dialog, Message
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
+
+__all__ = ["Llama", "Dialog", "Message", "Tokenizer", "ModelArgs", "Transformer"]

@@ -1,0 +1,111 @@
+"""Device choice and process-group setup for one process per device (torchrun) or a plain process."""
+
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def model_parallel_world_size() -> int:
+    """Ranks the model is split over: fairscale's model-parallel group size, or 1 when it is not set up."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    return mpu.get_model_parallel_world_size() if mpu.model_parallel_is_initialized() else 1
+
+
+def model_parallel_rank() -> int:
+    if model_parallel_world_size() == 1:
+        return 0
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    return mpu.get_model_parallel_rank()
+
+
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """'cuda', 'cpu', 'mps' or None (CUDA if available, else MPS, else CPU); CUDA picks LOCAL_RANK's GPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; use 'cuda', 'cpu', 'mps' or None for automatic") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device='mps' was asked for but MPS is not available; use device='cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"device={device.type!r} is not supported; use 'cuda', 'cpu', 'mps' or None")
+    return device
+
+
+def resolve_dtype(dtype: Optional[Union[str, torch.dtype]], device: torch.device) -> torch.dtype:
+    """A torch dtype or its name; None: bfloat16 on CUDA where supported (else float16), float16 on MPS, float32 on CPU."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
+                 "fp32": torch.float32, "float": torch.float32}.get(name, getattr(torch, name, None))
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'float32', 'float16' or 'bfloat16'")
+    return dtype
+
+
+def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int]) -> int:
+    """Join torchrun's process group (NCCL on CUDA, Gloo otherwise) and set up fairscale's model-parallel groups.
+
+    A plain process with no torchrun variables and model_parallel_size 1 or None needs no process
+    group at all. Returns the model-parallel size.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if model_parallel_size is None:
+        model_parallel_size = world_size
+    if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
+        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            if model_parallel_size != 1:
+                raise ValueError(
+                    f"model_parallel_size={model_parallel_size} needs one process per rank: launch with "
+                    f"torchrun --nproc_per_node {model_parallel_size} <script>"
+                )
+            return 1
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world_size = dist.get_world_size()
+    if world_size % model_parallel_size:
+        raise ValueError(f"model_parallel_size={model_parallel_size} does not divide the world size {world_size}")
+    if model_parallel_size > 1 and device.type == "mps":
+        raise ValueError("model parallelism is not available on MPS (Gloo cannot reduce MPS tensors); run one process")
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(model_parallel_size)
+    elif mpu.get_model_parallel_world_size() != model_parallel_size:
+        raise ValueError(
+            f"model parallelism is already set up with size {mpu.get_model_parallel_world_size()}, "
+            f"not the requested {model_parallel_size}"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return model_parallel_size
