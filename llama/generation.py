@@ -181,7 +181,8 @@ class Llama:
         if min_prompt_len == total_len:  # nothing to generate: score the prompts
             logits = self.model.forward(tokens, prev_pos)
             if logprobs:
-                token_logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+                # Position i's logits predict token i + 1. (Meta's reference scores token i here, off by one.)
+                token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
         for cur_pos in range(min_prompt_len, total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
             chosen = next_token(logits[:, -1], temperature, top_p)

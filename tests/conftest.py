@@ -1,10 +1,17 @@
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
 
 from tests.checkpoints import random_state_dict, tiny_params, write_checkpoint
+
+# Tiny models gain nothing from threads, and OpenMP threads spin badly when the suite's
+# subprocesses share the cores: one thread each keeps the suite fast and steady.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "tokenizer" / "llama2-tokenizer.model"

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, rope_table
+from tests.checkpoints import random_state_dict, tiny_params
+from tests.naive_llama import naive_logits, rotary
+
+VOCAB = 96
+
+
+def build(params: dict, sd: dict, **args) -> Transformer:
+    model = Transformer(ModelArgs(**params, **{"max_seq_len": 32, "max_batch_size": 4, **args}))
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@pytest.fixture(params=[None, 2], ids=["mha", "gqa"])
+def tiny(request):
+    params = tiny_params(VOCAB, n_kv_heads=request.param)
+    sd = random_state_dict(params, seed=1)
+    return params, sd, build(params, sd)
+
+
+def test_rmsnorm_matches_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    norm.weight.data = torch.randn(16)
+    x = torch.randn(3, 5, 16)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_rmsnorm_normalises_low_precision_input_in_float32():
+    torch.manual_seed(0)
+    norm = RMSNorm(16).to(torch.bfloat16)
+    x = (torch.randn(4, 16) * 300).to(torch.bfloat16)  # squares overflow nothing in float32
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1e6])
+def test_rotary_matches_complex_rotation_of_interleaved_pairs(theta):
+    torch.manual_seed(0)
+    x = torch.randn(1, 7, 3, 8)
+    out = apply_rope(x, rope_table(8, 7, theta))
+    torch.testing.assert_close(out[0].double(), rotary(x[0].double(), theta), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_pair_by_hand():
+    # Position 2, pair 1 of a head_dim 4 vector rotates by 2 * 10000^(-2/4) = 0.02 radians.
+    x = torch.zeros(1, 3, 1, 4)
+    x[0, 2, 0] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    out = apply_rope(x, rope_table(4, 3))[0, 2, 0]
+    angle = torch.tensor(0.02)
+    torch.testing.assert_close(out, torch.stack([torch.tensor(2.0).cos(), torch.tensor(2.0).sin(), angle.cos(), angle.sin()]))
+
+
+@pytest.mark.parametrize(
+    "dim,multiplier,multiple_of,hidden",
+    [(4096, None, 256, 11008), (5120, None, 256, 13824), (8192, 1.3, 4096, 28672)],
+    ids=["7B", "13B", "70B"],
+)
+def test_ffn_hidden_size_of_real_models(dim, multiplier, multiple_of, hidden):
+    assert ModelArgs(dim=dim, ffn_dim_multiplier=multiplier, multiple_of=multiple_of).ffn_hidden_dim == hidden
+
+
+def test_forward_matches_naive_implementation(tiny):
+    params, sd, model = tiny
+    tokens = [1, 5, 9, 33, 2, 70, 11, 4, 60, 3]
+    logits = model(torch.tensor([tokens]), 0)
+    assert logits.dtype == torch.float32 and logits.shape == (1, len(tokens), VOCAB)
+    torch.testing.assert_close(logits[0].double(), naive_logits(sd, params, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    gqa_params = tiny_params(VOCAB, n_kv_heads=2)
+    sd = random_state_dict(gqa_params, seed=3)
+    mha_sd = dict(sd)
+    head_dim, n_rep = 64 // 4, 2
+    for i in range(gqa_params["n_layers"]):
+        for w in ("wk", "wv"):
+            key = f"layers.{i}.attention.{w}.weight"
+            # kv head j serves query heads j * n_rep ... j * n_rep + n_rep - 1
+            mha_sd[key] = sd[key].view(2, head_dim, 64).repeat_interleave(n_rep, dim=0).reshape(64, 64)
+    tokens = torch.tensor([[1, 7, 3, 50, 22, 9]])
+    gqa = build(gqa_params, sd)(tokens, 0)
+    mha = build(tiny_params(VOCAB), mha_sd)(tokens, 0)
+    torch.testing.assert_close(gqa, mha, atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_decoding_with_cache_equals_full_forward(tiny):
+    params, sd, model = tiny
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 70, 11, 4, 60, 3], [1, 8, 8, 40, 12, 7, 19, 90, 6, 5]])
+    full = model(tokens, 0)
+    # A 4-token prefill, then a 3-token chunk, then one token at a time.
+    pieces = [model(tokens[:, :4], 0), model(tokens[:, 4:7], 4)]
+    pieces += [model(tokens[:, p : p + 1], p) for p in range(7, 10)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_smaller_batch_after_larger_reuses_cache_rows_correctly(tiny):
+    _, _, model = tiny
+    a = torch.tensor([[1, 5, 9, 33], [1, 8, 8, 40]])
+    model(a, 0)
+    b = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(model(b, 0), build(tiny[0], tiny[1])(b, 0))
+
+
+def test_positions_beyond_max_seq_len_are_refused(tiny):
+    _, _, model = tiny
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        model(torch.ones(1, 33, dtype=torch.long), 0)
+
+
+def test_direct_construction_and_dtype_cast_keep_rotary_table_float32():
+    params = tiny_params(VOCAB)
+    model = Transformer(ModelArgs(**params, max_seq_len=16, max_batch_size=2)).to(torch.bfloat16)
+    logits = model(torch.tensor([[1, 2, 3]]), 0)
+    assert logits.dtype == torch.float32 and model.rope.dtype == torch.float32
+    assert model.layers[0].attention.cache.k.dtype == torch.bfloat16
+
+
+def test_bad_model_args_are_refused():
+    with pytest.raises(ValueError, match="vocab_size"):
+        Transformer(ModelArgs(**tiny_params(-1)))
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        Transformer(ModelArgs(**tiny_params(VOCAB, n_kv_heads=3)))
