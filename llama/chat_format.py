@@ -31,7 +31,7 @@ def _check_dialog(dialog: Dialog, index: int) -> None:
     roles = [m["role"] for m in dialog]
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    if not turns or turns != expected:
+    if len(turns) % 2 == 0 or turns != expected:
         raise ValueError(
             f"{where} has roles {roles}: after an optional leading 'system', roles must alternate "
             f"'user', 'assistant', ... and end with 'user'"

@@ -1,0 +1,150 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.checkpoint import CheckpointError
+from tests.checkpoints import random_state_dict, tiny_params, write_checkpoint
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_checkpoints) -> Path:
+    """A private copy of the 1-shard GQA checkpoint to break."""
+    return Path(shutil.copytree(tiny_checkpoints[(2, 1)], tmp_path / "ckpt"))
+
+
+def build(ckpt_dir, tokenizer, **kwargs):
+    return Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=32, max_batch_size=2, device="cpu", **kwargs)
+
+
+def test_loads_with_defaults_and_ignores_rope_freqs(ckpt, tiny_tokenizer_path):
+    shard = ckpt / "consolidated.00.pth"
+    sd = torch.load(shard, weights_only=True)
+    reference = build(ckpt, tiny_tokenizer_path).model(torch.tensor([[1, 5, 6]]), 0)
+    sd["rope.freqs"] = torch.zeros(8)
+    torch.save(sd, shard)
+    generator = build(ckpt, tiny_tokenizer_path)
+    assert generator.model.tok_embeddings.weight.dtype == torch.float32
+    torch.testing.assert_close(generator.model(torch.tensor([[1, 5, 6]]), 0), reference)
+
+
+def test_dtype_by_name_and_by_torch_dtype(ckpt, tiny_tokenizer_path):
+    for dtype in ("bfloat16", torch.bfloat16):
+        model = build(ckpt, tiny_tokenizer_path, dtype=dtype).model
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model(torch.tensor([[1, 5, 6]]), 0).dtype == torch.float32
+
+
+def test_missing_directory_and_files(tmp_path, ckpt, tiny_tokenizer_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build(tmp_path / "nowhere", tiny_tokenizer_path)
+    (ckpt / "consolidated.00.pth").rename(ckpt / "weights.bak")
+    with pytest.raises(FileNotFoundError, match=r"no \*\.pth"):
+        build(ckpt, tiny_tokenizer_path)
+    (ckpt / "weights.bak").rename(ckpt / "consolidated.00.pth")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        build(ckpt, tmp_path / "no.model")
+    (ckpt / "params.json").unlink()
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        build(ckpt, tiny_tokenizer_path)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps({"dim": 64, "n_layers": 2}), r"missing keys \['n_heads'\]"),
+        (json.dumps({**tiny_params(-1), "n_experts": 8}), r"unknown keys \['n_experts'\]"),
+        (json.dumps({**tiny_params(-1), "dim": "64"}), "dim='64' must be a positive integer"),
+        (json.dumps({**tiny_params(-1), "n_layers": 0}), "n_layers=0"),
+        (json.dumps({**tiny_params(-1), "norm_eps": -1.0}), "norm_eps=-1.0 must be a positive number"),
+    ],
+)
+def test_bad_params_json(ckpt, tiny_tokenizer_path, content, match):
+    (ckpt / "params.json").write_text(content)
+    with pytest.raises(CheckpointError, match=match):
+        build(ckpt, tiny_tokenizer_path)
+
+
+def test_params_json_not_matching_the_weights(ckpt, tiny_tokenizer_path):
+    (ckpt / "params.json").write_text(json.dumps(tiny_params(-1)))  # says MHA, weights are GQA
+    with pytest.raises(CheckpointError, match=r"tensor 'layers.0.attention.wk.weight' has shape \(32, 64\)"):
+        build(ckpt, tiny_tokenizer_path)
+    (ckpt / "params.json").write_text(json.dumps(tiny_params(-1, n_kv_heads=2, n_layers=3)))
+    with pytest.raises(CheckpointError, match=r"missing \['layers.2."):
+        build(ckpt, tiny_tokenizer_path)
+
+
+def test_unexpected_keys(ckpt, tiny_tokenizer_path):
+    shard = ckpt / "consolidated.00.pth"
+    sd = torch.load(shard, weights_only=True)
+    sd["layers.0.attention.bias"] = torch.zeros(4)
+    torch.save(sd, shard)
+    with pytest.raises(CheckpointError, match=r"unexpected \['layers.0.attention.bias'\]"):
+        build(ckpt, tiny_tokenizer_path)
+
+
+def test_tokenizer_not_matching_the_checkpoint(ckpt, tiny_tokenizer_path, tiny_vocab):
+    (ckpt / "params.json").write_text(json.dumps(tiny_params(tiny_vocab + 1, n_kv_heads=2)))
+    with pytest.raises(CheckpointError, match=f"vocab_size={tiny_vocab + 1}.*{tiny_vocab} pieces"):
+        build(ckpt, tiny_tokenizer_path)
+    other = tiny_params(tiny_vocab + 4, n_kv_heads=2)
+    write_checkpoint(ckpt, {**other, "vocab_size": -1}, random_state_dict(other))
+    with pytest.raises(CheckpointError, match=f"embeddings for {tiny_vocab + 4} tokens"):
+        build(ckpt, tiny_tokenizer_path)
+
+
+def test_shard_count_must_match_world_size(tiny_checkpoints, tiny_tokenizer_path):
+    with pytest.raises(CheckpointError, match="2 shards.*torchrun --nproc_per_node 2"):
+        build(tiny_checkpoints[(2, 2)], tiny_tokenizer_path)
+
+
+def test_model_parallel_without_torchrun_says_how_to_launch(ckpt, tiny_tokenizer_path):
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
+        build(ckpt, tiny_tokenizer_path, model_parallel_size=2)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_pickle_code_is_refused(ckpt, tiny_tokenizer_path, capsys):
+    shard = ckpt / "consolidated.00.pth"
+    sd = torch.load(shard, weights_only=True)
+    torch.save({**sd, "extra": Payload()}, shard)
+    with pytest.raises(CheckpointError, match="consolidated.00.pth.*pickle code"):
+        build(ckpt, tiny_tokenizer_path)
+    assert "pickle code ran" not in capsys.readouterr().out
+
+
+def test_truncated_and_foreign_files_are_refused(ckpt, tiny_tokenizer_path):
+    shard = ckpt / "consolidated.00.pth"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="consolidated.00.pth.*truncated or corrupt"):
+        build(ckpt, tiny_tokenizer_path)
+    torch.save([torch.zeros(2)], shard)
+    with pytest.raises(CheckpointError, match="dict of tensors"):
+        build(ckpt, tiny_tokenizer_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"device": "tpu"}, "device"),
+        ({"device": "cuda:banana"}, "device"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_seq_len": 0}, "max_seq_len"),
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"model_parallel_size": 0}, "model_parallel_size"),
+    ],
+)
+def test_bad_build_arguments(ckpt, tiny_tokenizer_path, kwargs, match):
+    args = {"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Llama.build(str(ckpt), str(tiny_tokenizer_path), **args)
