@@ -5,6 +5,7 @@ than one rank, and plain torch layers otherwise; both hold the same state-dict
 keys and shapes per rank, so one checkpoint shard loads into either.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,35 +47,45 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+@contextmanager
+def _fairscale_layers():
+    """fairscale's parallel layers, with their weight initialisation skipped.
+
+    fairscale initialises a slice by building the layer's whole unsharded weight on every rank
+    (and fails inside a meta-device context); checkpoint weights replace it anyway.
+    """
+    from fairscale.nn.model_parallel import layers
+
+    initialize = layers._initialize_affine_weight
+    layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield layers
+    finally:
+        layers._initialize_affine_weight = initialize
+
+
 def _column_linear(in_features: int, out_features: int, gather_output: bool) -> nn.Module:
     """A linear layer whose output features are split across model-parallel ranks."""
     if model_parallel_world_size() == 1:
         return nn.Linear(in_features, out_features, bias=False)
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
-
-    return ColumnParallelLinear(
-        in_features, out_features, bias=False, gather_output=gather_output, init_method=lambda x: x
-    )
+    with _fairscale_layers() as layers:
+        return layers.ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output)
 
 
 def _row_linear(in_features: int, out_features: int) -> nn.Module:
     """A linear layer whose input features are split across model-parallel ranks."""
     if model_parallel_world_size() == 1:
         return nn.Linear(in_features, out_features, bias=False)
-    from fairscale.nn.model_parallel.layers import RowParallelLinear
-
-    return RowParallelLinear(
-        in_features, out_features, bias=False, input_is_parallel=True, init_method=lambda x: x
-    )
+    with _fairscale_layers() as layers:
+        return layers.RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True)
 
 
 def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
     """A token embedding whose embedding dimension is split across model-parallel ranks."""
     if model_parallel_world_size() == 1:
         return nn.Embedding(num_embeddings, embedding_dim)
-    from fairscale.nn.model_parallel.layers import ParallelEmbedding
-
-    return ParallelEmbedding(num_embeddings, embedding_dim, init_method=lambda x: x)
+    with _fairscale_layers() as layers:
+        return layers.ParallelEmbedding(num_embeddings, embedding_dim)
 
 
 class RMSNorm(nn.Module):

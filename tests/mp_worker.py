@@ -1,0 +1,23 @@
+"""Run under torchrun by test_distributed.py: each rank saves what it computed."""
+
+import sys
+
+import torch
+
+from llama import Llama
+from llama.distributed import global_rank
+
+PROMPTS = [[1, 10, 11, 12, 13, 14, 15], [1, 20], [1, 30, 31, 32]]
+
+
+def main(ckpt_dir: str, tokenizer_path: str, out_prefix: str) -> None:
+    torch.set_num_threads(1)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", seed=3)
+    logits = generator.model(torch.tensor([[1, 5, 9, 33, 2, 70, 11]]), 0)
+    greedy = generator.generate(PROMPTS, max_gen_len=10, temperature=0, logprobs=True)
+    sampled = generator.generate(PROMPTS, max_gen_len=10, temperature=1.0, top_p=0.95)[0]
+    torch.save({"logits": logits, "greedy": greedy, "sampled": sampled}, f"{out_prefix}.rank{global_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,32 @@
+"""Model parallelism over 2 CPU processes (Gloo, launched by torchrun) against one process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+
+def run_ranks(ckpt_dir, tokenizer_path, nproc, out_prefix):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "tests" / "mp_worker.py"), str(ckpt_dir), str(tokenizer_path), str(out_prefix)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [torch.load(f"{out_prefix}.rank{r}.pt", weights_only=True) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_two_ranks_equal_one_rank(tmp_path, tiny_checkpoints, tiny_tokenizer_path, kv_heads):
+    (single,) = run_ranks(tiny_checkpoints[(kv_heads, 1)], tiny_tokenizer_path, 1, tmp_path / "mp1")
+    rank0, rank1 = run_ranks(tiny_checkpoints[(kv_heads, 2)], tiny_tokenizer_path, 2, tmp_path / "mp2")
+    torch.testing.assert_close(rank0["logits"], single["logits"], atol=1e-5, rtol=1e-5)
+    assert rank0["greedy"][0] == single["greedy"][0]
+    torch.testing.assert_close(torch.tensor(sum(rank0["greedy"][1], [])), torch.tensor(sum(single["greedy"][1], [])), atol=1e-4, rtol=0)
+    # Seeded sampling picks the same tokens on any world size, and every rank agrees on them.
+    assert rank0["sampled"] == single["sampled"]
+    assert rank1["greedy"] == rank0["greedy"] and rank1["sampled"] == rank0["sampled"]
+    assert torch.equal(rank1["logits"], rank0["logits"])
