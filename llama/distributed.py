@@ -1,13 +1,13 @@
 """Device choice and process-group setup for one process per device (torchrun) or a plain process."""
 
-import logging
+import atexit
 import os
+import sys
+from datetime import timedelta
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 
 def model_parallel_world_size() -> int:
@@ -72,6 +72,20 @@ def resolve_dtype(dtype: Optional[Union[str, torch.dtype]], device: torch.device
     return dtype
 
 
+def _destroy_process_group() -> None:
+    if not dist.is_initialized():
+        return
+    # A Gloo rank tearing down while a peer closes its connections can abort, so ranks that end
+    # normally first meet. monitored_barrier gives up after a while instead of waiting for a
+    # rank that died; after an uncaught exception (sys.last_value) no rank is waited for.
+    if dist.get_backend() == "gloo" and not hasattr(sys, "last_value"):
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
+
+
 def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int]) -> int:
     """Join torchrun's process group (NCCL on CUDA, Gloo otherwise) and set up fairscale's model-parallel groups.
 
@@ -92,6 +106,9 @@ def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int
                 )
             return 1
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A process group left alive at interpreter exit can abort the process (Gloo's threads), so
+        # the group this call made is torn down when the program ends.
+        atexit.register(_destroy_process_group)
     world_size = dist.get_world_size()
     if world_size % model_parallel_size:
         raise ValueError(f"model_parallel_size={model_parallel_size} does not divide the world size {world_size}")

@@ -15,7 +15,7 @@ def run_ranks(ckpt_dir, tokenizer_path, nproc, out_prefix):
            str(REPO / "tests" / "mp_worker.py"), str(ckpt_dir), str(tokenizer_path), str(out_prefix)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-2000:]}"
     return [torch.load(f"{out_prefix}.rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
@@ -30,3 +30,17 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_checkpoints, tiny_tokenizer_pat
     assert rank0["sampled"] == single["sampled"]
     assert rank1["greedy"] == rank0["greedy"] and rank1["sampled"] == rank0["sampled"]
     assert torch.equal(rank1["logits"], rank0["logits"])
+
+
+def test_a_rank_failing_to_load_ends_the_whole_job(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
+    import shutil
+
+    ckpt = shutil.copytree(tiny_checkpoints[(2, 2)], tmp_path / "ckpt")
+    shard = ckpt / "consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "mp_worker.py"), str(ckpt), str(tiny_tokenizer_path), str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
+    assert proc.returncode != 0
+    assert "consolidated.01.pth" in proc.stderr and "truncated or corrupt" in proc.stderr
