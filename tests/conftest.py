@@ -14,6 +14,24 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def launch(args: list, nproc: int = 0, timeout: float = 300):
+    """Run a python script in a fresh process: plain python when nproc is 0, else torchrun with nproc ranks."""
+    import subprocess
+    import sys
+
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(launcher + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def check_exit(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-2000:]}"
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "tokenizer" / "llama2-tokenizer.model"
 LLAMA2_TOKENIZER_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
 

@@ -1,21 +1,17 @@
 """Model parallelism over 2 CPU processes (Gloo, launched by torchrun) against one process."""
 
-import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, check_exit, launch
+
+WORKER = REPO / "tests" / "mp_worker.py"
 
 
 def run_ranks(ckpt_dir, tokenizer_path, nproc, out_prefix):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "tests" / "mp_worker.py"), str(ckpt_dir), str(tokenizer_path), str(out_prefix)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-2000:]}"
+    check_exit(launch([WORKER, ckpt_dir, tokenizer_path, out_prefix], nproc))
     return [torch.load(f"{out_prefix}.rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
@@ -33,14 +29,9 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_checkpoints, tiny_tokenizer_pat
 
 
 def test_a_rank_failing_to_load_ends_the_whole_job(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
-    import shutil
-
     ckpt = shutil.copytree(tiny_checkpoints[(2, 2)], tmp_path / "ckpt")
     shard = ckpt / "consolidated.01.pth"
     shard.write_bytes(shard.read_bytes()[:1000])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "mp_worker.py"), str(ckpt), str(tiny_tokenizer_path), str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
+    proc = launch([WORKER, ckpt, tiny_tokenizer_path, tmp_path / "out"], nproc=2, timeout=120)  # a hang fails here
     assert proc.returncode != 0
     assert "consolidated.01.pth" in proc.stderr and "truncated or corrupt" in proc.stderr
