@@ -3,7 +3,8 @@
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple, TypedDict, Union
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +18,44 @@ from llama.distributed import (
     setup_model_parallel,
 )
 from llama.model import ModelArgs, Transformer
-from llama.sampling import check_sampling_args, next_token, sample_top_p  # noqa: F401 (sample_top_p: reference API)
+from llama.sampling import SamplingParams, check_max_gen_len, next_token, sample_top_p  # noqa: F401 (sample_top_p: reference API)
+from llama.streaming import IncrementalDecoder, TextStream
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
+class Stats(TypedDict):
+    prompt_tokens: int
+    generated_tokens: int
+    stop_reason: str  # "eos", "length" or "stop" ("special_tags" for a refused dialog)
+
+
 class CompletionPrediction(TypedDict, total=False):
     generation: str
-    tokens: List[str]  # not required
-    logprobs: List[float]  # not required
+    tokens: List[str]  # with logprobs
+    logprobs: List[float]  # with logprobs
+    stats: Stats  # with logprobs or return_stats
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
-    tokens: List[str]  # not required
-    logprobs: List[float]  # not required
+    tokens: List[str]  # with logprobs
+    logprobs: List[float]  # with logprobs
+    stats: Stats  # with logprobs or return_stats
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch being decoded: what it generated and why it stopped."""
+
+    prompt_len: int
+    generated: List[int] = field(default_factory=list)
+    stop_reason: Optional[str] = None
+    text_end: Optional[int] = None  # with a stop string: where the text is cut
+
+    def stats(self) -> Stats:
+        return {"prompt_tokens": self.prompt_len, "generated_tokens": len(self.generated), "stop_reason": self.stop_reason}
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -139,78 +162,136 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Continue each prompt by at most max_gen_len tokens (fewer where max_seq_len or EOS comes first).
+        *,
+        top_k: Optional[int] = None,
+        repetition_penalty: float = 1.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        return_stats: bool = False,
+    ):
+        """Continue each prompt by at most max_gen_len tokens (fewer where max_seq_len, EOS or a stop string comes first).
 
-        Returns the new tokens of each prompt (with the prompt in front when echo) cut before EOS,
-        and with logprobs the log-probability of each returned token (0.0 for an echoed first token).
-        Prompts beyond max_batch_size run in successive batches.
+        Returns (tokens, logprobs): the new tokens of each prompt (after the prompt when echo),
+        without the EOS, and with logprobs=True the log-probability of each returned token (0.0 for
+        an echoed first token), else None. With a stop string the tokens end with the one that
+        completes the text before it. return_stats=True adds a third list: per prompt, a dict of
+        prompt_tokens, generated_tokens and stop_reason ("eos", "length" or "stop").
+        Prompts beyond max_batch_size run in successive batches. See SamplingParams for the
+        sampling arguments.
         """
-        check_sampling_args(temperature, top_p, max_gen_len)
         if max_gen_len is None:
             raise ValueError("max_gen_len must be an integer >= 1, got None")
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, stop, seed)
+        rows, lps = self._generate(prompt_tokens, max_gen_len, sampling, logprobs, echo)
+        tokens = [(p if echo else []) + row.generated for p, row in zip(prompt_tokens, rows)]
+        result = (tokens, lps if logprobs else None)
+        return result + ([row.stats() for row in rows],) if return_stats else result
+
+    def _generate(self, prompt_tokens, max_gen_len, sampling, logprobs, echo) -> Tuple[List[_Row], List[List[float]]]:
+        """Check the request, then decode it in batches of max_batch_size."""
+        check_max_gen_len(max_gen_len)
         self._check_prompts(prompt_tokens)
-        out_tokens: List[List[int]] = []
-        out_logprobs: List[List[float]] = []
+        rows: List[_Row] = []
+        lps: List[List[float]] = []
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(sampling.seed)
         batch = self.model.params.max_batch_size
         for i in range(0, len(prompt_tokens), batch):
-            tokens, lps = self._generate_batch(prompt_tokens[i : i + batch], max_gen_len, temperature, top_p, logprobs, echo)
-            out_tokens += tokens
-            out_logprobs += lps
-        return out_tokens, (out_logprobs if logprobs else None)
+            steps = self._decode(prompt_tokens[i : i + batch], max_gen_len, sampling, logprobs, generator)
+            batch_rows, token_logprobs = _run_to_end(steps)
+            rows += batch_rows
+            for row, row_lps in zip(batch_rows, token_logprobs):
+                lps.append(row_lps[0 if echo else row.prompt_len : row.prompt_len + len(row.generated)])
+        return rows, lps
 
-    def _generate_batch(
-        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool
-    ) -> Tuple[List[List[int]], List[List[float]]]:
+    def _decode(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        sampling: SamplingParams,
+        logprobs: bool,
+        generator: Optional[torch.Generator],
+    ) -> Iterator[List[_Row]]:
+        """Decode one batch, yielding its rows after each step; returns (rows, per-position logprobs).
+
+        Decoding starts at the shortest prompt; where a longer prompt is still being read its own
+        token is kept. A row stops at EOS, a stop string or max_gen_len; the batch when all have.
+        """
         bsz = len(prompt_tokens)
-        lengths = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(lengths), max(lengths)
+        rows = [_Row(len(t)) for t in prompt_tokens]
+        min_prompt_len, max_prompt_len = min(r.prompt_len for r in rows), max(r.prompt_len for r in rows)
         total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
         device = self.device
 
-        pad_id = self.tokenizer.pad_id
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        positions = torch.arange(total_len, device=device)
-        is_prompt = positions[None, :] < torch.tensor(lengths, device=device)[:, None]
+        lengths = torch.tensor([r.prompt_len for r in rows], device=device)
+        is_prompt = torch.arange(total_len, device=device)[None, :] < lengths[:, None]
         token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            # Tokens each sequence holds so far; positions past min_prompt_len join as they are reached.
+            seen = torch.zeros((bsz, self.model.vocab_size), dtype=torch.bool, device=device)
+            seen.scatter_(1, tokens[:, :min_prompt_len], True)
+        decoders = [IncrementalDecoder(self.tokenizer.decode, sampling.stop) for _ in rows] if sampling.stop else None
 
         prev_pos = 0
         if min_prompt_len == total_len:  # nothing to generate: score the prompts
+            for row in rows:
+                row.stop_reason = "length"
             logits = self.model.forward(tokens, prev_pos)
             if logprobs:
                 # Position i's logits predict token i + 1. (Meta's reference scores token i here, off by one.)
                 token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
         for cur_pos in range(min_prompt_len, total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            chosen = next_token(logits[:, -1], temperature, top_p)
-            # Where a longer prompt is still being read, its own token wins over the sampled one.
+            chosen = next_token(logits[:, -1], sampling, seen, generator)
             chosen = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], chosen)
             tokens[:, cur_pos] = chosen
+            if seen is not None:
+                seen[torch.arange(bsz, device=device), chosen] = True
             if logprobs:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
                 )
-            eos_reached |= ~is_prompt[:, cur_pos] & (chosen == self.tokenizer.eos_id)
+            for row, token in zip(rows, chosen.tolist()):
+                if row.stop_reason is None and cur_pos >= row.prompt_len:
+                    self._append(row, token, max_gen_len, sampling.stop)
             prev_pos = cur_pos
-            if bool(eos_reached.all()):
+            yield rows
+            if all(row.stop_reason for row in rows):
                 break
+        for row in rows:
+            row.stop_reason = row.stop_reason or "length"
+        return rows, (token_logprobs.tolist() if logprobs else [[] for _ in rows])
 
-        all_logprobs = token_logprobs.tolist() if logprobs else None
-        out_tokens, out_logprobs = [], []
-        for i, toks in enumerate(tokens.tolist()):
-            start = 0 if echo else lengths[i]
-            end = lengths[i] + max_gen_len
-            toks = toks[start:end]
-            probs = all_logprobs[i][start:end] if logprobs else []
-            if self.tokenizer.eos_id in toks:
-                cut = toks.index(self.tokenizer.eos_id)
-                toks, probs = toks[:cut], probs[:cut]
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-        return out_tokens, out_logprobs
+    def _append(self, row: _Row, token: int, max_gen_len: int, stop: Tuple[str, ...]) -> None:
+        """Add a newly generated token to row, and note whether the row is done."""
+        if token == self.tokenizer.eos_id:
+            row.stop_reason = "eos"
+            return
+        row.generated.append(token)
+        if stop:
+            text = self.tokenizer.decode(row.generated)
+            found = [i for i in (text.find(s) for s in stop) if i >= 0]
+            if found:
+                row.stop_reason, row.text_end = "stop", min(found)
+                # Keep only the tokens needed to spell the text before the stop string.
+                while len(row.generated) > 1 and len(self.tokenizer.decode(row.generated[:-1])) >= row.text_end:
+                    row.generated.pop()
+                return
+        if len(row.generated) == max_gen_len:
+            row.stop_reason = "length"
+
+    def _text(self, row: _Row, prefix: List[int] = ()) -> str:
+        """The row's text, after prefix tokens (decoded together, so the space between them stays)."""
+        text = self.tokenizer.decode(list(prefix) + row.generated)
+        if row.text_end is None:
+            return text
+        after_stop = len(self.tokenizer.decode(row.generated)) - row.text_end
+        return text[: len(text) - after_stop]
 
     def text_completion(
         self,
@@ -220,17 +301,27 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        repetition_penalty: float = 1.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        return_stats: bool = False,
     ) -> List[CompletionPrediction]:
-        """Complete each text prompt. Each result has "generation", and with logprobs also
-        "tokens" (each token decoded alone) and "logprobs"."""
+        """Complete each text prompt. Each result has "generation"; with logprobs=True also "tokens"
+        (each token decoded alone) and "logprobs"; with logprobs or return_stats also "stats"."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings (wrap a single prompt in a list)")
-        check_sampling_args(temperature, top_p, max_gen_len)
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, stop, seed)
+        max_gen_len = self._default_gen_len(max_gen_len)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        return [self._prediction(self.tokenizer.decode(t), t, lp, logprobs) for t, lp in zip(tokens, lps or tokens)]
+        rows, lps = self._generate(prompt_tokens, max_gen_len, sampling, logprobs, echo)
+        results = []
+        for prompt, p_tokens, row, row_lps in zip(prompts, prompt_tokens, rows, lps):
+            text = self._text(row, p_tokens if echo else [])
+            tokens = (p_tokens if echo else []) + row.generated
+            results.append(self._prediction(text, tokens, row_lps, row.stats(), logprobs, return_stats))
+        return results
 
     def chat_completion(
         self,
@@ -239,32 +330,138 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        repetition_penalty: float = 1.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        return_stats: bool = False,
     ) -> List[ChatPrediction]:
         """Reply to each dialog as the assistant, in the Llama 2 chat format.
 
         A dialog is [system?] user (assistant user)*. One whose messages contain the format's
         special tags gets the reply "Error: special tags are not allowed as part of the prompt."
-        without any generation.
+        without any generation. Results are shaped as in text_completion.
         """
         if not isinstance(dialogs, (list, tuple)):
             raise ValueError("dialogs must be a list of dialogs (each a list of messages)")
-        check_sampling_args(temperature, top_p, max_gen_len)
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, stop, seed)
+        max_gen_len = self._default_gen_len(max_gen_len)
         encoded = encode_dialogs(self.tokenizer, dialogs)
         safe = [t for t in encoded if t is not None]
-        tokens, lps = self.generate(safe, max_gen_len, temperature, top_p, logprobs) if safe else ([], [])
-        replies = iter(zip(tokens, lps or tokens))
+        rows, lps = self._generate(safe, max_gen_len, sampling, logprobs, False) if safe else ([], [])
+        replies = iter(zip(rows, lps))
         predictions = []
         for prompt in encoded:
             if prompt is None:
-                predictions.append(self._prediction({"role": "assistant", "content": UNSAFE_ERROR}, [], [], logprobs))
+                refused: Stats = {"prompt_tokens": 0, "generated_tokens": 0, "stop_reason": "special_tags"}
+                message = {"role": "assistant", "content": UNSAFE_ERROR}
+                predictions.append(self._prediction(message, [], [], refused, logprobs, return_stats))
                 continue
-            t, lp = next(replies)
-            predictions.append(self._prediction({"role": "assistant", "content": self.tokenizer.decode(t)}, t, lp, logprobs))
+            row, row_lps = next(replies)
+            message = {"role": "assistant", "content": self._text(row)}
+            predictions.append(self._prediction(message, row.generated, row_lps, row.stats(), logprobs, return_stats))
         return predictions
 
-    def _prediction(self, generation, tokens: List[int], logprobs_i: List[float], logprobs: bool) -> dict:
-        if not logprobs:
-            return {"generation": generation}
-        return {"generation": generation, "tokens": [self.tokenizer.decode(x) for x in tokens], "logprobs": logprobs_i}
+    def stream_text_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: Optional[int] = None,
+        repetition_penalty: float = 1.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+    ) -> TextStream:
+        """Complete one prompt, yielding text deltas as tokens are produced.
+
+        The deltas join to text_completion([prompt], ...)[0]["generation"] for the same settings
+        and seed. After the stream ends, its .stats holds the token counts and stop reason.
+        Under model parallelism every rank iterates the stream in step.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, stop, seed)
+        return self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), max_gen_len, sampling)
+
+    def stream_chat_completion(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: Optional[int] = None,
+        repetition_penalty: float = 1.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+    ) -> TextStream:
+        """Reply to one dialog, yielding text deltas as tokens are produced (see stream_text_completion).
+
+        A dialog carrying the chat format's special tags yields the refusal message at once.
+        """
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, stop, seed)
+        (prompt_tokens,) = encode_dialogs(self.tokenizer, [dialog])
+        if prompt_tokens is None:
+            stream = TextStream(iter([UNSAFE_ERROR]))
+            stream.stats = {"prompt_tokens": 0, "generated_tokens": 0, "stop_reason": "special_tags"}
+            return stream
+        return self._stream(prompt_tokens, max_gen_len, sampling)
+
+    def _stream(self, prompt_tokens: List[int], max_gen_len: Optional[int], sampling: SamplingParams) -> TextStream:
+        max_gen_len = self._default_gen_len(max_gen_len)
+        check_max_gen_len(max_gen_len)
+        self._check_prompts([prompt_tokens])
+        generator = None if sampling.seed is None else torch.Generator(self.device).manual_seed(sampling.seed)
+        decoder = IncrementalDecoder(self.tokenizer.decode, sampling.stop)
+
+        def deltas() -> Iterator[str]:
+            steps = self._decode([prompt_tokens], max_gen_len, sampling, False, generator)
+            row = _Row(len(prompt_tokens))
+            try:
+                while True:
+                    with torch.inference_mode():
+                        try:
+                            (row,) = next(steps)
+                        except StopIteration as done:
+                            (row,), _ = done.value
+                            break
+                    if row.stop_reason is None:
+                        delta = decoder.step(row.generated)
+                        if delta:
+                            yield delta
+                text = self._text(row)
+                delta = decoder.emit_until(text, len(text))
+                if delta:
+                    yield delta
+            finally:
+                stats = row.stats()
+                if row.stop_reason is None:
+                    stats["stop_reason"] = "closed"
+                stream.stats = stats
+
+        stream = TextStream(deltas())
+        return stream
+
+    def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _prediction(self, generation, tokens, logprobs_i, stats, logprobs: bool, return_stats: bool) -> dict:
+        prediction = {"generation": generation}
+        if logprobs:
+            prediction["tokens"] = [self.tokenizer.decode(x) for x in tokens]
+            prediction["logprobs"] = logprobs_i
+        if logprobs or return_stats:
+            prediction["stats"] = stats
+        return prediction
+
+
+def _run_to_end(steps):
+    """Exhaust a generator and return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -1,19 +1,65 @@
-"""Choosing the next token from logits: greedy, or temperature plus nucleus (top-p) sampling."""
+"""Choosing the next token from logits: greedy, or temperature, top-k and nucleus (top-p) sampling,
+with an optional repetition penalty."""
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 
-def check_sampling_args(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
-    """Raise ValueError for a temperature below 0, a top_p outside (0, 1] or a max_gen_len below 1."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1):
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_max_gen_len(max_gen_len: Optional[int]) -> None:
+    if max_gen_len is not None and (not _is_int(max_gen_len) or max_gen_len < 1):
         raise ValueError(f"max_gen_len must be an integer >= 1 (or None for the longest possible), got {max_gen_len!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is chosen. Checked on construction: bad values raise ValueError.
+
+    temperature: 0 is greedy; otherwise logits are divided by it before the softmax.
+    top_p: nucleus sampling keeps the smallest set of likeliest tokens whose mass reaches top_p.
+    top_k: None, or keep only the k likeliest tokens before top_p.
+    repetition_penalty: CTRL's penalty over tokens already in the sequence (prompt included):
+        their positive logits are divided by it, negative ones multiplied. 1.0 is off.
+    stop: strings that end generation when they appear in the decoded text, which is cut before them.
+    seed: None uses torch's global generator (seeded by Llama.build); an int makes this call
+        reproducible on its own, on any world size.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: Optional[int] = None
+    repetition_penalty: float = 1.0
+    stop: Tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not _is_number(self.temperature) or not self.temperature >= 0 or math.isinf(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be None (off) or an integer >= 1, got {self.top_k!r}")
+        penalty = self.repetition_penalty
+        if not _is_number(penalty) or not penalty > 0 or math.isinf(penalty):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 is off), got {penalty!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -30,9 +76,29 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The next token (bsz,) from last-position logits (bsz, vocab): argmax at temperature 0, else top-p sampling."""
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p, generator).reshape(-1)
-    return torch.argmax(logits, dim=-1)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: where seen (bsz, vocab) is True, divide positive logits by penalty and multiply negative ones."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The next token (bsz,) from last-position logits (bsz, vocab).
+
+    seen (bsz, vocab) marks the tokens already in each sequence, for the repetition penalty.
+    """
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return sample_top_p(probs, params.top_p, generator).reshape(-1)
