@@ -16,8 +16,10 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 
 
-def launch(args: list, nproc: int = 0, timeout: float = 300):
-    """Run a python script in a fresh process: plain python when nproc is 0, else torchrun with nproc ranks."""
+def launch(args: list, nproc: int = 0, timeout: float = 300, input: str = None):
+    """Run a python script in a fresh process: plain python when nproc is 0, else torchrun with nproc ranks.
+
+    input, when given, is the script's stdin (else stdin is inherited)."""
     import subprocess
     import sys
 
@@ -27,7 +29,7 @@ def launch(args: list, nproc: int = 0, timeout: float = 300):
     dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(launcher + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(launcher + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, input=input)
 
 
 def check_exit(proc) -> None:

@@ -16,7 +16,11 @@ def main(ckpt_dir: str, tokenizer_path: str, out_prefix: str) -> None:
     logits = generator.model(torch.tensor([[1, 5, 9, 33, 2, 70, 11]]), 0)
     greedy = generator.generate(PROMPTS, max_gen_len=10, temperature=0, logprobs=True)
     sampled = generator.generate(PROMPTS, max_gen_len=10, temperature=1.0, top_p=0.95)[0]
-    torch.save({"logits": logits, "greedy": greedy, "sampled": sampled}, f"{out_prefix}.rank{global_rank()}.pt")
+    # A per-call seed with every sampling control, through the batch and the streaming paths.
+    controls = {"temperature": 0.9, "top_k": 8, "repetition_penalty": 1.2, "stop": ["zz"], "seed": 11}
+    seeded = generator.generate(PROMPTS, max_gen_len=10, **controls)[0]
+    streamed = list(generator.stream_text_completion("Hello world", max_gen_len=10, **controls))
+    torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "seeded": seeded, "streamed": streamed}, f"{out_prefix}.rank{global_rank()}.pt")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_checkpoints, tiny_tokenizer_pat
     torch.testing.assert_close(torch.tensor(sum(rank0["greedy"][1], [])), torch.tensor(sum(single["greedy"][1], [])), atol=1e-4, rtol=0)
     # Seeded sampling picks the same tokens on any world size, and every rank agrees on them.
     assert rank0["sampled"] == single["sampled"]
-    assert rank1["greedy"] == rank0["greedy"] and rank1["sampled"] == rank0["sampled"]
+    assert rank0["seeded"] == single["seeded"] and rank0["streamed"] == single["streamed"]
+    for key in ("greedy", "sampled", "seeded", "streamed"):
+        assert rank1[key] == rank0[key]
     assert torch.equal(rank1["logits"], rank0["logits"])
 
 

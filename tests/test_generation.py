@@ -7,6 +7,7 @@ from llama import Llama
 from llama.sampling import sample_top_p
 from tests.checkpoints import random_state_dict, tiny_params, write_checkpoint
 from tests.naive_llama import naive_greedy, naive_logits
+from tests.scripted import ScriptedModel
 
 MAX_SEQ_LEN = 64
 
@@ -73,23 +74,6 @@ def test_scoring_only_when_prompts_fill_the_budget(generator, weights):
     assert toks == [prompt]
     for i in range(1, len(prompt)):
         assert math.isclose(lps[0][i], expected[i - 1, prompt[i]].item(), abs_tol=1e-4)
-
-
-class ScriptedModel(torch.nn.Module):
-    """Stands in for Transformer: the logits make `script[position]` the argmax at each position."""
-
-    def __init__(self, params, vocab, script):
-        super().__init__()
-        self.params, self.vocab_size, self.script = params, vocab, script
-        self.tok_embeddings = torch.nn.Embedding(1, 1)
-
-    def forward(self, tokens, start_pos):
-        bsz, seqlen = tokens.shape
-        logits = torch.zeros(bsz, seqlen, self.vocab_size)
-        for row in range(bsz):
-            for i in range(seqlen):
-                logits[row, i, self.script[row][start_pos + i + 1]] = 10.0
-        return logits
 
 
 def test_sequences_stop_at_eos_and_output_is_cut_before_it(generator):

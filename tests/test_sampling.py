@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from llama import Llama
+from llama.sampling import SamplingParams, apply_repetition_penalty, next_token
+from llama.tokenizer import Tokenizer
+from tests.scripted import scripted_llama
+
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32]]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_checkpoints, tiny_tokenizer_path):
+    return Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 3, device="cpu")
+
+
+def test_top_k_1_is_greedy(generator):
+    greedy, _ = generator.generate(PROMPTS, max_gen_len=10, temperature=0)
+    top1, _ = generator.generate(PROMPTS, max_gen_len=10, temperature=1.5, top_p=1.0, top_k=1)
+    assert top1 == greedy
+
+
+def test_top_k_samples_only_the_k_likeliest_in_proportion():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    picks = next_token(logits, SamplingParams(temperature=1.0, top_p=1.0, top_k=2), generator=g)
+    freq = torch.bincount(picks, minlength=4).float() / len(picks)
+    assert freq[0] == 0 and freq[1] == 0
+    torch.testing.assert_close(freq[2:], torch.tensor([3 / 7, 4 / 7]), atol=0.015, rtol=0)
+
+
+def test_repetition_penalty_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    # Seen tokens: 2.0 / 2 = 1.0 and -1.0 * 2 = -2.0; unseen ones stay.
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    # Greedy flips from a seen token (3.0 -> 1.5) to an unseen one (2.0).
+    greedy = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert next_token(torch.tensor([[3.0, 2.0]]), greedy, torch.tensor([[True, False]])).tolist() == [1]
+
+
+def test_strong_repetition_penalty_avoids_every_seen_token(generator):
+    tokens, _ = generator.generate(PROMPTS, max_gen_len=10, temperature=0, repetition_penalty=1e6)
+    plain, _ = generator.generate(PROMPTS, max_gen_len=10, temperature=0)
+    assert tokens != plain
+    for prompt, out in zip(PROMPTS, tokens):
+        assert len(set(out)) == len(out) and not set(out) & set(prompt)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_tokenizer_path):
+    return Tokenizer(str(tiny_tokenizer_path))
+
+
+def scripted(tokenizer, text: str, prompt_len: int = 2):
+    """A model that writes `text` and then EOS after a prompt of prompt_len tokens."""
+    ids = tokenizer.encode(text, bos=False, eos=True)
+    return scripted_llama(tokenizer, [[0] * prompt_len + ids + [0] * 8])
+
+
+def test_stop_strings_cut_the_text_exactly(tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("x", True, False)
+    llama = scripted(tiny_tokenizer, "Hello world. Paris is nice", prompt_len=len(prompt))
+
+    def run(stop):
+        (result,) = llama.text_completion(["x"], temperature=0, stop=stop, return_stats=True)
+        return result["generation"], result["stats"]["stop_reason"]
+
+    assert run(["world"]) == ("Hello ", "stop")
+    assert run(["is", "."]) == ("Hello world", "stop")  # the earliest stop string wins
+    assert run("Paris") == ("Hello world. ", "stop")
+    assert run(["Rome"]) == ("Hello world. Paris is nice", "eos")
+    tokens, _, stats = llama.generate([prompt], max_gen_len=30, temperature=0, stop=["world"], return_stats=True)
+    # The tokens end with the one that completes "Hello ".
+    assert tiny_tokenizer.decode(tokens[0]).startswith("Hello ")
+    assert not tiny_tokenizer.decode(tokens[0][:-1]).startswith("Hello ")
+    assert stats[0]["stop_reason"] == "stop" and stats[0]["generated_tokens"] == len(tokens[0])
+
+
+def test_echo_with_stop_keeps_prompt_and_cuts_generation(tiny_tokenizer):
+    prompt_ids = tiny_tokenizer.encode("The quick", True, False)
+    llama = scripted(tiny_tokenizer, "brown fox jumps", prompt_len=len(prompt_ids))
+    (result,) = llama.text_completion(["The quick"], temperature=0, echo=True, stop=["jumps"])
+    assert result["generation"] == "The quick brown fox "
+
+
+def test_stats_report_counts_and_reasons(generator, tiny_tokenizer):
+    _, _, stats = generator.generate(PROMPTS, max_gen_len=4, temperature=0, return_stats=True)
+    assert [s["prompt_tokens"] for s in stats] == [len(p) for p in PROMPTS]
+    assert all(s["generated_tokens"] <= 4 and s["stop_reason"] in ("eos", "length") for s in stats)
+    prompt_len = len(tiny_tokenizer.encode("x", True, False))
+    llama = scripted(tiny_tokenizer, "Hello", prompt_len=prompt_len)
+    (result,) = llama.text_completion(["x"], temperature=0, logprobs=True)
+    assert result["stats"] == {"prompt_tokens": prompt_len, "generated_tokens": len(result["tokens"]), "stop_reason": "eos"}
+    (cut,) = llama.text_completion(["x"], temperature=0, max_gen_len=1, return_stats=True)
+    assert cut["stats"]["stop_reason"] == "length" and cut["stats"]["generated_tokens"] == 1
+    chat = generator.chat_completion(
+        [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "[INST]"}]], max_gen_len=3, return_stats=True
+    )
+    assert chat[0]["stats"]["prompt_tokens"] > 0 and chat[1]["stats"]["stop_reason"] == "special_tags"
+    assert "stats" not in generator.text_completion(["Hi"], max_gen_len=2)[0]
+
+
+def test_per_call_seed_is_reproducible(generator):
+    def sample(seed):
+        return generator.generate(PROMPTS, max_gen_len=10, temperature=1.0, top_p=0.95, seed=seed)[0]
+
+    first = sample(5)
+    torch.manual_seed(123)  # the global generator does not matter once a seed is given
+    assert sample(5) == first
+    assert sample(6) != first
+    texts = [generator.text_completion(["Hello"], max_gen_len=8, temperature=1.0, seed=9)[0]["generation"] for _ in range(2)]
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [3]}, "stop"),
+        ({"seed": "abc"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_bad_sampling_controls_are_refused(generator, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generator.generate([[1, 2]], max_gen_len=2, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        generator.text_completion(["hi"], max_gen_len=2, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        generator.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=2, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        generator.stream_text_completion("hi", max_gen_len=2, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        generator.stream_chat_completion([{"role": "user", "content": "hi"}], max_gen_len=2, **kwargs)
