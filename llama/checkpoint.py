@@ -1,12 +1,14 @@
-"""Reading Meta-layout Llama 2 checkpoints: params.json and consolidated.NN.pth shards."""
+"""Reading Meta-layout Llama 2 checkpoints (params.json and consolidated.NN.pth shards) and cutting
+from them the slice of each tensor that one model-parallel rank holds, whatever the shard count."""
 
 import json
 import pickle
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterable, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 # Present in some Llama 2 files; the model computes its own rotary table.
 IGNORED_KEYS = {"rope.freqs"}
@@ -19,6 +21,30 @@ _REQUIRED_PARAMS = {"dim", "n_layers", "n_heads"}
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be loaded as it is."""
+
+
+# How each tensor is split across model-parallel ranks (fairscale's layers; None: replicated):
+# column-parallel weights along dim 0, row-parallel ones and the embedding along dim 1.
+SPLIT_DIM = {
+    "tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
+    "attention_norm": None, "ffn_norm": None, "norm": None,
+}
+
+
+def split_dim(key: str) -> Optional[int]:
+    """The dimension along which a state-dict tensor is split across ranks, or None if replicated."""
+    return SPLIT_DIM.get(key.split(".")[-2])
+
+
+class CheckpointReader(Protocol):
+    """Whole (unsharded) tensors of a checkpoint in Meta's names, read lazily, part by part."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> Tuple[int, ...]: ...
+
+    def read(self, key: str, dim: Optional[int], start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) along dim of the whole tensor (all of it when dim is None)."""
 
 
 def checkpoint_shards(ckpt_dir: Path) -> List[Path]:
@@ -81,7 +107,88 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def assign_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: Path, device: torch.device, dtype: torch.dtype) -> None:
+class MetaCheckpoint:
+    """The consolidated.NN.pth shards of a directory, seen as whole tensors.
+
+    Shards are memory-mapped: read() touches only the shards, and the bytes, its range covers.
+    """
+
+    def __init__(self, ckpt_dir: Path):
+        self.paths = checkpoint_shards(ckpt_dir)
+        self.shards = [load_shard(p) for p in self.paths]
+        first = self.shards[0]
+        for path, shard in zip(self.paths[1:], self.shards[1:]):
+            if set(shard) != set(first):
+                odd = sorted(set(shard) ^ set(first))[:4]
+                raise CheckpointError(f"{str(path)!r} holds different tensors from {str(self.paths[0])!r}: {odd}")
+            for key, tensor in shard.items():
+                if tensor.shape != first[key].shape:
+                    raise CheckpointError(
+                        f"{str(path)!r}: tensor {key!r} has shape {tuple(tensor.shape)}, but "
+                        f"{tuple(first[key].shape)} in {str(self.paths[0])!r}; the shards are from different models"
+                    )
+
+    def keys(self) -> List[str]:
+        return [k for k in self.shards[0] if k not in IGNORED_KEYS]
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        shape = list(self.shards[0][key].shape)
+        dim = split_dim(key)
+        if dim is not None and len(self.shards) > 1:
+            shape[dim] *= len(self.shards)
+        return tuple(shape)
+
+    def read(self, key: str, dim: Optional[int], start: int, stop: int) -> torch.Tensor:
+        if dim is None or split_dim(key) is None:
+            return self.shards[0][key]
+        size = self.shards[0][key].shape[dim]
+        parts = []
+        for n, shard in enumerate(self.shards):
+            lo, hi = max(start, n * size), min(stop, (n + 1) * size)
+            if lo < hi:
+                parts.append(shard[key].narrow(dim, lo - n * size, hi - lo))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def rank_slices(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: int, world: int) -> Dict[str, torch.Tensor]:
+    """This rank's part of every tensor: its 1/world of each split dimension, norms whole.
+
+    With more ranks than kv heads, wk and wv give each rank the one kv head its query heads use.
+    """
+    state = {}
+    for key in reader.keys():
+        dim = split_dim(key)
+        if dim is None:
+            state[key] = reader.read(key, None, 0, 0)
+            continue
+        full = reader.shape(key)[dim]
+        if key.split(".")[-2] in ("wk", "wv") and world > n_kv_heads:
+            start, size = (rank // (world // n_kv_heads)) * head_dim, head_dim
+        else:
+            if full % world:
+                raise CheckpointError(f"tensor {key!r} of size {full} along dim {dim} does not split over {world} ranks")
+            start, size = rank * (full // world), full // world
+        state[key] = reader.read(key, dim, start, start + size)
+    return state
+
+
+def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
+    """A reader for ckpt_dir's weights and its hyperparameters (params.json names): Meta's layout
+    (params.json + consolidated.NN.pth) or a Hugging Face Llama directory (config.json + weights)."""
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; pass --ckpt_dir llama-2-7b (the folder download.sh made)")
+    is_meta = (ckpt_dir / "params.json").exists() or any(ckpt_dir.glob("*.pth"))
+    if not is_meta and (ckpt_dir / "config.json").is_file():
+        from llama.hf import HFCheckpoint
+
+        reader = HFCheckpoint(ckpt_dir)
+        return reader, reader.params
+    return MetaCheckpoint(ckpt_dir), load_params(ckpt_dir)
+
+
+def assign_weights(
+    model: nn.Module, state: Dict[str, torch.Tensor], source: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> None:
     """Move each tensor of state to device and dtype and make it the model's parameter.
 
     Checks names and shapes first, so nothing is half-loaded. The model may live on the meta device.
@@ -101,4 +208,6 @@ def assign_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: Pat
                 f"{str(source)!r}: tensor {key!r} has shape {tuple(tensor.shape)} but params.json and the "
                 f"model-parallel size give {tuple(expected[key].shape)}"
             )
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    # One tensor at a time: its bytes are read from the memory-mapped files as it is converted.
+    items = tqdm(state.items(), desc="Loading weights", unit="tensor", disable=not progress or None, leave=False)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in items}, assign=True)

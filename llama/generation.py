@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
-from llama.checkpoint import CheckpointError, assign_weights, checkpoint_shards, load_params, load_shard
+from llama.checkpoint import CheckpointError, assign_weights, open_checkpoint, rank_slices
 from llama.distributed import (
+    global_rank,
     model_parallel_rank,
     resolve_device,
     resolve_dtype,
@@ -80,10 +81,12 @@ class Llama:
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
     ) -> "Llama":
-        """Load a Meta-layout checkpoint (params.json and one consolidated.NN.pth per model-parallel rank).
+        """Load a checkpoint: Meta's layout (params.json and consolidated.NN.pth shards) or a
+        Hugging Face Llama directory (config.json and *.safetensors or pytorch_model*.bin).
 
-        Under torchrun every process calls this; each loads its own shard. model_parallel_size
-        defaults to the world size. device: "cuda", "cpu", "mps" or None for the best available.
+        Under torchrun every process calls this and reads only its own slice of the weights, for
+        any shard count: model_parallel_size (default: the world size) must divide n_heads and
+        divide or be a multiple of n_kv_heads. device: "cuda", "cpu", "mps" or None for the best available.
         dtype: a torch dtype or its name; None for bfloat16 (or float16) on GPUs, float32 on CPU.
         seed seeds torch's generators on every rank, so all ranks sample the same tokens.
         """
@@ -93,42 +96,35 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         ckpt_dir = Path(ckpt_dir)
-        shards = checkpoint_shards(ckpt_dir)
-        params = load_params(ckpt_dir)
+        reader, params = open_checkpoint(ckpt_dir)
         tokenizer = Tokenizer(str(tokenizer_path))
 
         model_parallel_size = setup_model_parallel(device, model_parallel_size)
-        if len(shards) != model_parallel_size:
-            raise CheckpointError(
-                f"{str(ckpt_dir)!r} has {len(shards)} shards, written for {len(shards)} model-parallel ranks, "
-                f"but this run has {model_parallel_size}: launch it with torchrun --nproc_per_node {len(shards)} <script>"
-            )
         torch.manual_seed(seed)
 
         vocab_size = params.get("vocab_size", -1)
         if vocab_size not in (-1, tokenizer.n_words):
             raise CheckpointError(
-                f"params.json has vocab_size={vocab_size} but the tokenizer {str(tokenizer_path)!r} has "
+                f"{str(ckpt_dir)!r} has vocab_size={vocab_size} but the tokenizer {str(tokenizer_path)!r} has "
                 f"{tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
+            )
+        if "tok_embeddings.weight" in reader.keys() and reader.shape("tok_embeddings.weight")[0] != tokenizer.n_words:
+            raise CheckpointError(
+                f"{str(ckpt_dir)!r} has embeddings for {reader.shape('tok_embeddings.weight')[0]} tokens but the "
+                f"tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
             )
         model_args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
         model_args.vocab_size = tokenizer.n_words
-
-        shard = shards[model_parallel_rank()]
-        state = load_shard(shard)
-        embedding = state.get("tok_embeddings.weight")
-        if embedding is not None and embedding.shape[0] != tokenizer.n_words:
-            raise CheckpointError(
-                f"{str(shard)!r} has embeddings for {embedding.shape[0]} tokens but the tokenizer "
-                f"{str(tokenizer_path)!r} has {tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
-            )
         with torch.device("meta"):
             model = Transformer(model_args)
-        assign_weights(model, state, shard, device, dtype)
+        rank = model_parallel_rank()
+        state = rank_slices(reader, model_args.kv_heads, model_args.head_dim, rank, model_parallel_size)
+        assign_weights(model, state, ckpt_dir, device, dtype, progress=global_rank() == 0)
+        bytes_read = sum(t.numel() * t.element_size() for t in state.values())
         model.eval()
         logger.info(
-            "Loaded %s in %.2f s on %s (%s), model-parallel size %d, world size %d",
-            ckpt_dir, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
+            "Loaded %s (%.2f GB read by this rank) in %.2f s on %s (%s), model-parallel size %d, world size %d",
+            ckpt_dir, bytes_read / 1e9, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
             model_parallel_size, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         )
         return Llama(model, tokenizer)

@@ -147,11 +147,13 @@ class Attention(nn.Module):
         super().__init__()
         world = model_parallel_world_size()
         self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = args.kv_heads // world
+        # With more ranks than kv heads, each rank holds a copy of the one kv head its query heads use.
+        self.n_local_kv_heads = max(1, args.kv_heads // world)
         self.head_dim = args.head_dim
+        kv_dim = self.n_local_kv_heads * world * self.head_dim
         self.wq = _column_linear(args.dim, args.n_heads * self.head_dim, gather_output=False)
-        self.wk = _column_linear(args.dim, args.kv_heads * self.head_dim, gather_output=False)
-        self.wv = _column_linear(args.dim, args.kv_heads * self.head_dim, gather_output=False)
+        self.wk = _column_linear(args.dim, kv_dim, gather_output=False)
+        self.wv = _column_linear(args.dim, kv_dim, gather_output=False)
         self.wo = _row_linear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
@@ -204,11 +206,14 @@ class Transformer(nn.Module):
         if params.vocab_size < 1:
             raise ValueError(f"ModelArgs.vocab_size must be set to the tokenizer's size, got {params.vocab_size}")
         world = model_parallel_world_size()
-        for name, count in (("n_heads", params.n_heads), ("n_kv_heads", params.kv_heads)):
-            if count % world:
-                raise ValueError(f"{name}={count} does not split over a model-parallel size of {world}")
         if params.n_heads % params.kv_heads:
             raise ValueError(f"n_heads={params.n_heads} must be a multiple of n_kv_heads={params.kv_heads}")
+        if params.n_heads % world or (params.kv_heads % world and world % params.kv_heads):
+            raise ValueError(
+                f"a model with n_heads={params.n_heads} and n_kv_heads={params.kv_heads} does not split over "
+                f"{world} model-parallel ranks: use a number of processes that divides n_heads and divides or "
+                f"is a multiple of n_kv_heads"
+            )
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers

@@ -98,9 +98,19 @@ def test_tokenizer_not_matching_the_checkpoint(ckpt, tiny_tokenizer_path, tiny_v
         build(ckpt, tiny_tokenizer_path)
 
 
-def test_shard_count_must_match_world_size(tiny_checkpoints, tiny_tokenizer_path):
-    with pytest.raises(CheckpointError, match="2 shards.*torchrun --nproc_per_node 2"):
-        build(tiny_checkpoints[(2, 2)], tiny_tokenizer_path)
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_two_shards_load_on_one_rank(tiny_checkpoints, tiny_tokenizer_path, kv_heads):
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 70]])
+    one = build(tiny_checkpoints[(kv_heads, 1)], tiny_tokenizer_path).model(tokens, 0)
+    two = build(tiny_checkpoints[(kv_heads, 2)], tiny_tokenizer_path).model(tokens, 0)
+    assert torch.equal(one, two)
+
+
+def test_shards_from_different_models_are_refused(ckpt, tiny_tokenizer_path, tiny_vocab):
+    other = tiny_params(tiny_vocab, n_kv_heads=2, dim=128)
+    torch.save(random_state_dict(other), ckpt / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match="consolidated.01.pth.*shards are from different models"):
+        build(ckpt, tiny_tokenizer_path)
 
 
 def test_model_parallel_without_torchrun_says_how_to_launch(ckpt, tiny_tokenizer_path):
