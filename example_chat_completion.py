@@ -1,16 +1,27 @@
-"""Reply to a few dialogs with a Llama 2 chat model.
+"""Reply to a few dialogs with a Llama 2 chat model, or chat with it (--interactive).
 
     torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --device cpu
+
+Interactive mode reads one user message per line and streams each reply; /reset, /system TEXT,
+/exit and Ctrl-D work as described in llama/interactive.py. It can be scripted through a pipe
+(stdout then holds only the "Assistant: ..." lines; notices go to stderr):
+
+    torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ \
+        --tokenizer_path tokenizer.model --interactive --system "Always answer with Haiku"
+    printf 'Hi!\nWhat can you do?\n' | python example_chat_completion.py ... --interactive
 """
 
+import contextlib
 import logging
 import os
+import sys
 from typing import List, Optional
 
 import fire
 
 from llama import Dialog, Llama
+from llama.interactive import printer, run_chat, shared_reader, stdin_reader, world_size
 
 
 def main(
@@ -23,18 +34,31 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    interactive: bool = False,
+    system: Optional[str] = None,
 ):
+    """--interactive chats on stdin (--system sets its system prompt; --max_batch_size is unused there,
+    one dialog runs at a time); otherwise a fixed set of dialogs is answered and printed."""
+    if system is not None and not interactive:
+        raise SystemExit("--system applies only with --interactive")
+    if system is not None and not isinstance(system, str):
+        system = str(system)  # fire turns values like 42 or [1, 2] into Python objects
     # Only rank 0 reports; torchrun sets RANK for each process.
     is_rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        device=device,
-        dtype=dtype,
-    )
+    # In interactive mode stdout carries only the replies: fairscale's set-up messages go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if interactive else contextlib.nullcontext():
+        generator = Llama.build(
+            ckpt_dir=ckpt_dir,
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            max_batch_size=1 if interactive else max_batch_size,
+            device=device,
+            dtype=dtype,
+        )
+    if interactive:
+        chat(generator, is_rank0, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        return
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
         [
@@ -74,6 +98,22 @@ def main(
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")
         print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
         print("\n==================================\n")
+
+
+def chat(generator: Llama, is_rank0: bool, **settings) -> None:
+    """The interactive session: rank 0 reads stdin and prints; every rank generates in lockstep."""
+    def silent(text: str) -> None:
+        pass
+
+    run_chat(
+        generator,
+        shared_reader(stdin_reader() if is_rank0 else lambda: None),
+        printer(sys.stdout) if is_rank0 else silent,
+        notify=printer(sys.stderr, end="\n") if is_rank0 else silent,
+        # Under torchrun Ctrl-C goes to the launcher, which ends the job.
+        catch_interrupt=world_size() == 1,
+        **settings,
+    )
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def run_chat(
     budget = max_seq_len - reply_room(max_seq_len, max_gen_len)
     if system is not None and _has_special_tags(system):
         raise ValueError(f"the system prompt may not contain the chat format's tags {SPECIAL_TAGS}")
-    history = ChatHistory(system)
+    history = ChatHistory(system or None)
 
     while True:
         try:
@@ -139,12 +139,11 @@ def run_chat(
             continue
         if line is None:
             break
-        line = line.rstrip("\r\n")
         text = line.strip()
         if not text:
             continue
 
-        command, _, argument = text.partition(" ")
+        command, argument = (text.split(maxsplit=1) + [""])[:2]
         if command == "/exit":
             break
         if command == "/reset":
@@ -152,7 +151,6 @@ def run_chat(
             notify("[conversation cleared]")
             continue
         if command == "/system":
-            argument = argument.strip()
             if _has_special_tags(argument):
                 notify(f"[the system prompt may not contain {', '.join(SPECIAL_TAGS)}; nothing changed]")
                 continue
