@@ -83,6 +83,10 @@ def _row_linear(in_features: int, out_features: int) -> nn.Module:
 def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
     """A token embedding whose embedding dimension is split across model-parallel ranks."""
     if model_parallel_world_size() == 1:
+        if torch.get_default_device().type == "meta":
+            # Skip the random initialisation: on the meta device it imports torch._dynamo
+            # (seconds of start-up and ~70 MB), and checkpoint weights replace it anyway.
+            return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
         return nn.Embedding(num_embeddings, embedding_dim)
     with _fairscale_layers() as layers:
         return layers.ParallelEmbedding(num_embeddings, embedding_dim)
