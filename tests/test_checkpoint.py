@@ -158,3 +158,19 @@ def test_bad_build_arguments(ckpt, tiny_tokenizer_path, kwargs, match):
     args = {"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", **kwargs}
     with pytest.raises(ValueError, match=match):
         Llama.build(str(ckpt), str(tiny_tokenizer_path), **args)
+
+
+def test_rope_theta_from_params_json_and_long_context(tmp_path, tiny_tokenizer_path, tiny_vocab):
+    """Code Llama's params.json sets rope_theta=1e6 and is used with contexts up to 16k."""
+    from tests.naive_llama import naive_logits
+
+    params = tiny_params(tiny_vocab, n_kv_heads=2, rope_theta=1e6)
+    sd = random_state_dict(params, seed=5)
+    ckpt = write_checkpoint(tmp_path / "code", params, sd)
+    generator = Llama.build(str(ckpt), str(tiny_tokenizer_path), max_seq_len=16384, max_batch_size=1, device="cpu")
+    assert generator.model.params.rope_theta == 1e6
+    tokens = [1, 5, 9, 33, 2, 70, 11]
+    logits = generator.model(torch.tensor([tokens]), 0)[0].double()
+    torch.testing.assert_close(logits, naive_logits(sd, params, tokens), atol=1e-4, rtol=1e-4)
+    with pytest.raises(AssertionError):  # the theta matters
+        torch.testing.assert_close(logits, naive_logits(sd, {**params, "rope_theta": 1e4}, tokens), atol=1e-4, rtol=1e-4)
