@@ -18,6 +18,7 @@ from llama.distributed import (
     resolve_dtype,
     setup_model_parallel,
 )
+from llama.hf import resolve_tokenizer_path
 from llama.model import ModelArgs, Transformer
 from llama.sampling import SamplingParams, check_max_gen_len, next_token, sample_top_p  # noqa: F401 (sample_top_p: reference API)
 from llama.streaming import IncrementalDecoder, TextStream
@@ -97,7 +98,7 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
         ckpt_dir = Path(ckpt_dir)
         reader, params = open_checkpoint(ckpt_dir)
-        tokenizer = Tokenizer(str(tokenizer_path))
+        tokenizer = Tokenizer(resolve_tokenizer_path(str(tokenizer_path)))
 
         model_parallel_size = setup_model_parallel(device, model_parallel_size)
         torch.manual_seed(seed)

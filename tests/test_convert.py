@@ -60,3 +60,18 @@ def test_convert_command_line(tmp_path, tiny_checkpoints):
     check_exit(launch(["-m", "llama.convert", "reshard", tiny_checkpoints[(None, 2)], tmp_path / "mp1", "--shards", "1"]))
     assert json.loads((tmp_path / "mp1" / "params.json").read_text())["dim"] == 64
     assert len(tensors(tmp_path / "mp1")) == 1
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_meta_to_hf_to_meta_is_bit_exact(tmp_path, tiny_checkpoints, tiny_tokenizer_path, kv_heads):
+    from llama.convert import to_hf, to_meta
+
+    src = tiny_checkpoints[(kv_heads, 2)]
+    to_hf(str(src), str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "config.json").is_file() and list((tmp_path / "hf").glob("*.safetensors"))
+    to_meta(str(tmp_path / "hf"), str(tmp_path / "meta"), shards=2)
+    for a, b in zip(tensors(src), tensors(tmp_path / "meta")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.tensor([[1, 5, 9, 33]])
+    logits = [Llama.build(str(d), str(tiny_tokenizer_path), 16, 1, device="cpu").model(tokens, 0) for d in (src, tmp_path / "hf")]
+    assert torch.equal(*logits)
