@@ -3,6 +3,7 @@ from them the slice of each tensor that one model-parallel rank holds, whatever 
 
 import json
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Protocol, Tuple
 
@@ -150,16 +151,37 @@ class MetaCheckpoint:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def rank_slices(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: int, world: int) -> Dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TensorSlice:
+    """Elements [start, stop) along dim (everything when dim is None) of one tensor of a checkpoint, not yet read."""
+
+    reader: CheckpointReader
+    key: str
+    dim: Optional[int]
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        shape = list(self.reader.shape(self.key))
+        if self.dim is not None:
+            shape[self.dim] = self.stop - self.start
+        return tuple(shape)
+
+    def load(self) -> torch.Tensor:
+        return self.reader.read(self.key, self.dim, self.start, self.stop)
+
+
+def rank_plan(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: int, world: int) -> Dict[str, TensorSlice]:
     """This rank's part of every tensor: its 1/world of each split dimension, norms whole.
 
     With more ranks than kv heads, wk and wv give each rank the one kv head its query heads use.
     """
-    state = {}
+    plan = {}
     for key in reader.keys():
         dim = split_dim(key)
         if dim is None:
-            state[key] = reader.read(key, None, 0, 0)
+            plan[key] = TensorSlice(reader, key, None)
             continue
         full = reader.shape(key)[dim]
         if key.split(".")[-2] in ("wk", "wv") and world > n_kv_heads:
@@ -168,8 +190,13 @@ def rank_slices(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: 
             if full % world:
                 raise CheckpointError(f"tensor {key!r} of size {full} along dim {dim} does not split over {world} ranks")
             start, size = rank * (full // world), full // world
-        state[key] = reader.read(key, dim, start, start + size)
-    return state
+        plan[key] = TensorSlice(reader, key, dim, start, start + size)
+    return plan
+
+
+def rank_slices(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: int, world: int) -> Dict[str, torch.Tensor]:
+    """rank_plan's slices, read."""
+    return {k: s.load() for k, s in rank_plan(reader, n_kv_heads, head_dim, rank, world).items()}
 
 
 def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
@@ -187,27 +214,33 @@ def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
 
 
 def assign_weights(
-    model: nn.Module, state: Dict[str, torch.Tensor], source: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
-) -> None:
-    """Move each tensor of state to device and dtype and make it the model's parameter.
+    model: nn.Module, plan: Dict[str, TensorSlice], source: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> int:
+    """Read each planned slice, move it to device and dtype and make it the model's parameter.
 
-    Checks names and shapes first, so nothing is half-loaded. The model may live on the meta device.
+    Checks names and shapes first, so nothing is half-loaded. One slice at a time is read, so on
+    the way to a GPU the host holds little more than one tensor. The model may live on the meta
+    device. Returns the bytes read.
     """
     expected = model.state_dict()
-    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    plan = {k: v for k, v in plan.items() if k not in IGNORED_KEYS}
+    missing, unexpected = sorted(set(expected) - set(plan)), sorted(set(plan) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{str(source)!r} does not match the model of params.json: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
+    for key, tensor_slice in plan.items():
+        if tensor_slice.shape != expected[key].shape:
             raise CheckpointError(
-                f"{str(source)!r}: tensor {key!r} has shape {tuple(tensor.shape)} but params.json and the "
+                f"{str(source)!r}: tensor {key!r} has shape {tuple(tensor_slice.shape)} but params.json and the "
                 f"model-parallel size give {tuple(expected[key].shape)}"
             )
-    # One tensor at a time: its bytes are read from the memory-mapped files as it is converted.
-    items = tqdm(state.items(), desc="Loading weights", unit="tensor", disable=not progress or None, leave=False)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in items}, assign=True)
+    state, bytes_read = {}, 0
+    for key, tensor_slice in tqdm(plan.items(), desc="Loading weights", unit="tensor", disable=not progress or None, leave=False):
+        tensor = tensor_slice.load()
+        bytes_read += tensor.numel() * tensor.element_size()
+        state[key] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    return bytes_read

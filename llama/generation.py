@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
-from llama.checkpoint import CheckpointError, assign_weights, open_checkpoint, rank_slices
+from llama.checkpoint import CheckpointError, assign_weights, open_checkpoint, rank_plan
 from llama.distributed import (
     global_rank,
     model_parallel_rank,
@@ -119,9 +119,8 @@ class Llama:
         with torch.device("meta"):
             model = Transformer(model_args)
         rank = model_parallel_rank()
-        state = rank_slices(reader, model_args.kv_heads, model_args.head_dim, rank, model_parallel_size)
-        assign_weights(model, state, ckpt_dir, device, dtype, progress=global_rank() == 0)
-        bytes_read = sum(t.numel() * t.element_size() for t in state.values())
+        plan = rank_plan(reader, model_args.kv_heads, model_args.head_dim, rank, model_parallel_size)
+        bytes_read = assign_weights(model, plan, ckpt_dir, device, dtype, progress=global_rank() == 0)
         model.eval()
         logger.info(
             "Loaded %s (%.2f GB read by this rank) in %.2f s on %s (%s), model-parallel size %d, world size %d",
