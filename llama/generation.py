@@ -313,7 +313,7 @@ class Llama:
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows, lps = self._generate(prompt_tokens, max_gen_len, sampling, logprobs, echo)
         results = []
-        for prompt, p_tokens, row, row_lps in zip(prompts, prompt_tokens, rows, lps):
+        for p_tokens, row, row_lps in zip(prompt_tokens, rows, lps):
             text = self._text(row, p_tokens if echo else [])
             tokens = (p_tokens if echo else []) + row.generated
             results.append(self._prediction(text, tokens, row_lps, row.stats(), logprobs, return_stats))

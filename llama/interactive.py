@@ -34,7 +34,7 @@ import sys
 from datetime import timedelta
 from typing import Callable, Iterable, List, Optional, Tuple
 
-from llama.chat_format import SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, encode_dialog
+from llama.chat_format import SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags
 
 DEFAULT_REPLY_ROOM = 64
 COMMANDS = {
@@ -54,7 +54,7 @@ def reply_room(max_seq_len: int, max_gen_len: Optional[int]) -> int:
 
 
 def _has_special_tags(text: str) -> bool:
-    return any(tag in text for tag in SPECIAL_TAGS)
+    return has_special_tags([{"role": "user", "content": text}])
 
 
 class ChatHistory:
