@@ -149,7 +149,7 @@ class Llama:
             if bad:
                 raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {self.model.vocab_size})")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -418,7 +418,7 @@ class Llama:
             row = _Row(len(prompt_tokens))
             try:
                 while True:
-                    with torch.inference_mode():
+                    with torch.no_grad():
                         try:
                             (row,) = next(steps)
                         except StopIteration as done:

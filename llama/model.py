@@ -7,7 +7,7 @@ keys and shapes per rank, so one checkpoint shard loads into either.
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -116,11 +116,13 @@ def rope_table(head_dim: int, max_positions: int, theta: float = 10000.0) -> tor
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (bsz, seqlen, heads, head_dim).
 
-    table is rope_table() sliced to the sequence's positions: (seqlen, head_dim // 2, 2).
+    table is rope_table() at the sequence's positions: (seqlen, head_dim // 2, 2), or
+    (bsz, seqlen, head_dim // 2, 2) when each row has positions of its own.
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    table = table if table.dim() == 4 else table[None]
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -145,6 +147,14 @@ class KVCache(nn.Module):
         self.v[:bsz, :, start_pos:end] = v
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
+    def write_rows(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new position per row (row i at positions[i]) from k, v (bsz, kv heads, 1, head_dim);
+        return every position's keys and values of those rows. Shapes do not depend on the positions."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, positions] = k[:, :, 0]
+        self.v[rows, :, positions] = v[:, :, 0]
+        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -161,14 +171,19 @@ class Attention(nn.Module):
         self.wo = _row_linear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], rope: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """start_pos: where x's first position goes in the cache, or one position per row (decode steps)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.cache is not None:
+        if isinstance(start_pos, torch.Tensor):
+            k, v = self.cache.write_rows(start_pos, k, v)
+        elif self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_local_kv_heads != self.n_local_heads
@@ -196,7 +211,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], rope: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -249,7 +266,7 @@ class Transformer(nn.Module):
             and end <= cache.k.shape[2]
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
@@ -271,3 +288,23 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask)
         return self.output(self.norm(h)).float()
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per row, row i at its own position positions[i]: tokens (bsz, 1), positions (bsz,).
+
+        Returns float32 logits (bsz, vocab). Attention spans the whole preallocated cache under a mask,
+        so shapes are the same at every step (torch.compile and CUDA graphs capture it once), and
+        each row is a batch slot at its own point in its sequence.
+        """
+        if not self._cache_fits(tokens.shape[0], self.params.max_seq_len):
+            self.setup_cache()
+        h = self.tok_embeddings(tokens)
+        if self.rope.device != h.device:
+            self.rope = self.rope.to(h.device)
+        rope = self.rope[positions][:, None]
+        cache_len = self.layers[0].attention.cache.k.shape[2]
+        mask = (torch.arange(cache_len, device=h.device)[None, :] <= positions[:, None])[:, None, None, :]
+        for layer in self.layers:
+            h = layer(h, positions, rope, mask)
+        return self.output(self.norm(h))[:, -1].float()

@@ -128,3 +128,22 @@ def test_bad_model_args_are_refused():
         Transformer(ModelArgs(**tiny_params(-1)))
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         Transformer(ModelArgs(**tiny_params(VOCAB, n_kv_heads=3)))
+
+
+def test_decode_step_with_a_position_per_row_equals_full_forwards(tiny):
+    params, sd, model = tiny
+    # Two rows at different points of their sequences, each in its own batch slot.
+    seqs = [[1, 5, 9, 33, 2, 70, 11], [1, 8, 8, 40]]
+    model(torch.tensor([seqs[0][:6]]), 0)  # prefill slot 0 up to position 5
+    reference = build(params, sd)
+    expected = [reference(torch.tensor([s]), 0)[0, -1] for s in seqs]
+    other = build(params, sd)
+    other(torch.tensor([seqs[1][:3]]), 0)
+    # Put slot 1's prefilled cache rows next to slot 0's.
+    with torch.no_grad():
+        for a, b in zip(model.layers, other.layers):
+            a.attention.cache.k[1], a.attention.cache.v[1] = b.attention.cache.k[0], b.attention.cache.v[0]
+    logits = model.decode_step(torch.tensor([[seqs[0][6]], [seqs[1][3]]]), torch.tensor([6, 3]))
+    assert logits.shape == (2, VOCAB) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], expected[1], atol=1e-5, rtol=1e-5)
