@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
-from llama.checkpoint import CheckpointError, assign_weights, open_checkpoint, rank_plan
+from llama import quantize as quantization
+from llama.checkpoint import CheckpointError, assign_weights, load_params, open_checkpoint, rank_plan
 from llama.distributed import (
     global_rank,
     model_parallel_rank,
@@ -66,9 +67,14 @@ def _check_positive_int(name: str, value) -> None:
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        # One-token steps go through a torch.compile'd fixed-shape decode step (CUDA graphs on GPU).
+        self._decode_step = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode_step = torch.compile(model.decode_step, mode=mode)
 
     @staticmethod
     def build(
@@ -81,6 +87,8 @@ class Llama:
         *,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
+        compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint: Meta's layout (params.json and consolidated.NN.pth shards) or a
         Hugging Face Llama directory (config.json and *.safetensors or pytorch_model*.bin).
@@ -90,14 +98,26 @@ class Llama:
         divide or be a multiple of n_kv_heads. device: "cuda", "cpu", "mps" or None for the best available.
         dtype: a torch dtype or its name; None for bfloat16 (or float16) on GPUs, float32 on CPU.
         seed seeds torch's generators on every rank, so all ranks sample the same tokens.
+        compile=True compiles the one-token decode step with torch.compile (with CUDA graphs on
+        CUDA); the first generation pays the compilation, later ones reuse it.
+        quantize: None, "int8" (per-output-channel scales) or "int4" / "int4-g32" / "int4-g64" /
+        "int4-g128" / "int4-g256" (grouped scales and zeros; "int4" is group 128) quantizes the
+        attention and feed-forward weights as they load, each rank its own slices; embeddings, the
+        output layer and the norms stay in dtype. Runs on CPU and CUDA (int4 on CUDA needs bfloat16).
+        A directory written by llama.quantize.save_quantized loads as stored (quantize None or
+        equal to its scheme) on as many ranks as it has shards. See llama/quantize.py.
         """
         start = time.perf_counter()
         _check_positive_int("max_seq_len", max_seq_len)
         _check_positive_int("max_batch_size", max_batch_size)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        scheme = quantization.parse_quantize(quantize)
         ckpt_dir = Path(ckpt_dir)
-        reader, params = open_checkpoint(ckpt_dir)
+        stored = quantization.stored_quantization(ckpt_dir)
+        if scheme is not None or stored is not None:
+            quantization.check_support(scheme or stored["scheme"], device, dtype)
+        reader, params = (None, load_params(ckpt_dir)) if stored else open_checkpoint(ckpt_dir)
         tokenizer = Tokenizer(resolve_tokenizer_path(str(tokenizer_path)))
 
         model_parallel_size = setup_model_parallel(device, model_parallel_size)
@@ -109,7 +129,7 @@ class Llama:
                 f"{str(ckpt_dir)!r} has vocab_size={vocab_size} but the tokenizer {str(tokenizer_path)!r} has "
                 f"{tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
             )
-        if "tok_embeddings.weight" in reader.keys() and reader.shape("tok_embeddings.weight")[0] != tokenizer.n_words:
+        if reader is not None and "tok_embeddings.weight" in reader.keys() and reader.shape("tok_embeddings.weight")[0] != tokenizer.n_words:
             raise CheckpointError(
                 f"{str(ckpt_dir)!r} has embeddings for {reader.shape('tok_embeddings.weight')[0]} tokens but the "
                 f"tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
@@ -119,15 +139,22 @@ class Llama:
         with torch.device("meta"):
             model = Transformer(model_args)
         rank = model_parallel_rank()
-        plan = rank_plan(reader, model_args.kv_heads, model_args.head_dim, rank, model_parallel_size)
-        bytes_read = assign_weights(model, plan, ckpt_dir, device, dtype, progress=global_rank() == 0)
+        if stored is not None:
+            quantization.check_stored_request(stored, scheme, model_parallel_size, ckpt_dir)
+            bytes_read = quantization.load_quantized(model, ckpt_dir, stored, rank, device, dtype)
+        else:
+            plan = rank_plan(reader, model_args.kv_heads, model_args.head_dim, rank, model_parallel_size)
+            if scheme is not None:
+                bytes_read = quantization.load_and_quantize(model, plan, ckpt_dir, device, dtype, scheme, progress=global_rank() == 0)
+            else:
+                bytes_read = assign_weights(model, plan, ckpt_dir, device, dtype, progress=global_rank() == 0)
         model.eval()
         logger.info(
             "Loaded %s (%.2f GB read by this rank) in %.2f s on %s (%s), model-parallel size %d, world size %d",
             ckpt_dir, bytes_read / 1e9, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
             model_parallel_size, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         )
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -242,7 +269,11 @@ class Llama:
                 # Position i's logits predict token i + 1. (Meta's reference scores token i here, off by one.)
                 token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            if self._decode_step is not None and cur_pos - prev_pos == 1:
+                positions = torch.full((bsz,), prev_pos, dtype=torch.long, device=device)
+                logits = self._decode_step(tokens[:, prev_pos:cur_pos].contiguous(), positions)[:, None]
+            else:
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
             chosen = next_token(logits[:, -1], sampling, seen, generator)
             chosen = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], chosen)
             tokens[:, cur_pos] = chosen

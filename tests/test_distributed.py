@@ -10,8 +10,8 @@ from tests.conftest import REPO, check_exit, launch
 WORKER = REPO / "tests" / "mp_worker.py"
 
 
-def run_ranks(ckpt_dir, tokenizer_path, nproc, out_prefix):
-    check_exit(launch([WORKER, ckpt_dir, tokenizer_path, out_prefix], nproc))
+def run_ranks(ckpt_dir, tokenizer_path, nproc, out_prefix, quantize=None):
+    check_exit(launch([WORKER, ckpt_dir, tokenizer_path, out_prefix] + ([quantize] if quantize else []), nproc))
     return [torch.load(f"{out_prefix}.rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
@@ -37,6 +37,42 @@ def test_many_ranks_equal_one_rank(tmp_path, tiny_checkpoints, tiny_tokenizer_pa
     # Seeded sampling picks the same tokens on any world size, and every rank agrees on them.
     assert rank0["sampled"] == single["sampled"]
     assert rank0["seeded"] == single["seeded"] and rank0["streamed"] == single["streamed"]
+    for other in results[1:]:
+        assert torch.equal(other["logits"], rank0["logits"])
+        for key in ("greedy", "sampled", "seeded", "streamed"):
+            assert other[key] == rank0[key]
+
+
+@pytest.fixture(scope="module")
+def one_rank_quantized(tiny_checkpoints, tiny_tokenizer_path, tmp_path_factory):
+    """What one process computes with each quantization scheme (MHA)."""
+    out = tmp_path_factory.mktemp("mp1q")
+    return {q: run_ranks(tiny_checkpoints[(None, 1)], tiny_tokenizer_path, 1, out / q, q)[0] for q in ("int8", "int4-g32")}
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_quantized_many_ranks(tmp_path, tiny_checkpoints, tiny_tokenizer_path, one_rank, one_rank_quantized, quantize):
+    """Each rank quantizes its own slices. Column-parallel slices are whole output channels, so they
+    quantize as in one process. Row-parallel ones (wo, w2) split the input features: int4's groups
+    of 32 never straddle the split (96 and 32 features per rank), so int4 matches one process; int8's
+    per-channel scale is taken over each rank's half of the row, so int8 differs slightly from one
+    process and is held to the same bound against the float model instead."""
+    single, float_logits = one_rank_quantized[quantize], one_rank[None]["logits"]
+    results = run_ranks(tiny_checkpoints[(None, 2)], tiny_tokenizer_path, 2, tmp_path / "mp", quantize)
+    rank0 = results[0]
+    error = (rank0["logits"] - float_logits).abs()
+    single_error = (single["logits"] - float_logits).abs()
+    if quantize == "int4-g32":
+        torch.testing.assert_close(rank0["logits"], single["logits"], atol=1e-5, rtol=1e-5)
+        assert rank0["greedy"][0] == single["greedy"][0]
+    else:
+        assert not torch.equal(rank0["logits"], single["logits"])  # the row-parallel scales differ
+        assert error.max() <= 2 * single_error.max() and error.mean() <= 2 * single_error.mean(), (
+            f"2-rank int8 error max {error.max():.4f} mean {error.mean():.4f}; "
+            f"1-rank max {single_error.max():.4f} mean {single_error.mean():.4f}"
+        )
+    # Saved per rank and built again from the quantized directory: the same model.
+    assert torch.equal(rank0["reloaded_logits"], rank0["logits"])
     for other in results[1:]:
         assert torch.equal(other["logits"], rank0["logits"])
         for key in ("greedy", "sampled", "seeded", "streamed"):

@@ -1,0 +1,176 @@
+"""Weight-only int8/int4 quantization (llama/quantize.py) on the CPU, with torch's own kernels."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from llama import Llama
+from llama.checkpoint import CheckpointError
+from llama.quantize import (
+    QuantizedLinear,
+    QuantScheme,
+    check_support,
+    dequantize_int4,
+    dequantize_int8,
+    int4_layout,
+    parse_quantize,
+    quantize_int4,
+    quantize_int8,
+    save_quantized,
+)
+
+TOKENS = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def build(ckpt_dir, tokenizer, **kwargs):
+    return Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=32, max_batch_size=2, device="cpu", **kwargs)
+
+
+def float_layer(out_features=48, in_features=256, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.1, 3.0, out_features)[:, None])  # channels of different ranges
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(5, 256), (2, 3, 256)], ids=["2d", "3d"])
+def test_int8_layer_matches_float_within_half_a_step(shape):
+    layer = float_layer()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int8"), torch.float32)
+    assert quantized.weight.dtype == torch.int8 and quantized.scales.shape == (48,)
+    y = quantized(x)
+    assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
+    # The kernel computes x @ (q * scales).T: against a float64 dequantize-then-matmul reference.
+    reference = x.double() @ dequantize_int8(quantized.weight, quantized.scales).T
+    torch.testing.assert_close(y.double(), reference, atol=1e-5, rtol=1e-5)
+    # Each weight is off by at most half its channel's step, so each output by scale / 2 * sum|x|.
+    weight_error = (dequantize_int8(quantized.weight, quantized.scales) - layer.weight.double()).abs()
+    assert (weight_error <= quantized.scales.double()[:, None] / 2 + 1e-12).all()
+    bound = quantized.scales.double() / 2 * x.double().abs().sum(-1, keepdim=True)
+    error = (y.double() - layer(x).double()).abs()
+    assert (error <= bound + 1e-5).all(), f"max error {error.max():.3g}, bound {bound.min():.3g}..{bound.max():.3g}"
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_layer_matches_float_within_half_a_step(group_size):
+    layer = float_layer()
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(1))
+    scheme = parse_quantize(f"int4-g{group_size}")
+    quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), scheme, torch.float32)
+    # The CPU kernel's packed layout: two values a byte; scales and zeros per (group, channel).
+    assert quantized.weight.dtype == torch.uint8 and quantized.weight.shape == (48, 128)
+    assert quantized.scales.shape == (256 // group_size, 48, 2)
+    q, scales_and_zeros = quantize_int4(layer.weight.detach(), group_size, torch.float32)
+    assert torch.equal(quantized.unpacked_int4(), q) and torch.equal(quantized.scales, scales_and_zeros)
+    assert q.min() >= 0 and q.max() <= 15
+    dequantized = dequantize_int4(q, scales_and_zeros, group_size)
+    y = quantized(x)
+    torch.testing.assert_close(y.double(), x.double() @ dequantized.T, atol=1e-5, rtol=1e-5)
+    # Per element at most half a step of its group; per output the sum over groups of step / 2 * sum|x|.
+    steps = scales_and_zeros[..., 0].double().T  # (out, groups)
+    weight_error = (dequantized - layer.weight.double()).abs()
+    assert (weight_error <= steps.repeat_interleave(group_size, dim=1) / 2 + 1e-6).all()
+    x_groups = x.double().abs().unflatten(-1, (-1, group_size)).sum(-1)  # (..., groups)
+    bound = x_groups @ steps.T / 2
+    error = (y.double() - layer(x).double()).abs()
+    assert (error <= bound + 1e-5).all(), f"max error {error.max():.3g}, bound {bound.min():.3g}..{bound.max():.3g}"
+
+
+def test_low_precision_inputs_use_scales_of_their_dtype():
+    """The kernels need the activations and the scales in one dtype: the model's."""
+    layer = float_layer()
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
+    for name in ("int8", "int4-g32"):
+        for dtype, tolerance in ((torch.bfloat16, 0.1), (torch.float16, 0.02)):
+            quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize(name), dtype)
+            assert quantized.scales.dtype == dtype
+            y = quantized(x.to(dtype))
+            assert y.dtype == dtype
+            exact = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize(name), torch.float32)(x)
+            relative = ((y.float() - exact).abs().max() / exact.abs().max()).item()
+            assert relative < tolerance, f"{name} {dtype}: relative error {relative:.3g}"
+
+
+def test_int4_unpacking_inverts_the_cpu_packing():
+    q = torch.randint(0, 16, (96, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert int4_layout(96, 128, torch.device("cpu")).shape == (96 * 128,)
+    layer = QuantizedLinear(128, 96, QuantScheme(4, 32), packed, torch.ones(4, 96, 2))
+    assert torch.equal(layer.unpacked_int4(), q)
+
+
+def test_invalid_arguments_raise_value_error(tiny_checkpoints, tiny_tokenizer_path):
+    for bad in ("int3", "int4-g16", "int4-g100", "INT8", 8, "int4g32"):
+        with pytest.raises(ValueError, match="quantize"):
+            parse_quantize(bad)
+    assert parse_quantize("int4") == QuantScheme(4, 128) and parse_quantize(None) is None
+    with pytest.raises(ValueError, match="quantize='int5' is not a known scheme"):
+        build(tiny_checkpoints[(None, 1)], tiny_tokenizer_path, quantize="int5")
+    # dim 64: in_features 64 is not a multiple of 128.
+    with pytest.raises(ValueError, match=r"in_features=64 .* not a multiple of the group size 128"):
+        build(tiny_checkpoints[(None, 1)], tiny_tokenizer_path, quantize="int4")
+    with pytest.raises(ValueError, match="in_features=48 is not a multiple of the int4 group size 32"):
+        quantize_int4(torch.randn(16, 48), 32, torch.float32)
+    with pytest.raises(ValueError, match="CPU and CUDA only"):
+        check_support(QuantScheme(8), torch.device("mps"), torch.float16)
+    with pytest.raises(ValueError, match="save_quantized needs a model built with"):
+        save_quantized(build(tiny_checkpoints[(None, 1)], tiny_tokenizer_path), "unused")
+
+
+@pytest.mark.parametrize("quantize,max_error,mean_error,agreement", [("int8", 0.05, 0.01, 0.9), ("int4-g32", 0.4, 0.08, 0.75)])
+def test_quantized_model_is_close_to_float(tiny_checkpoints, tiny_tokenizer_path, quantize, max_error, mean_error, agreement):
+    """Bounds are relative to the largest float logit. The tiny model's weights are Gaussian and
+    only 64 wide: harder to quantize than a trained model's, int4 most of all."""
+    ckpt = tiny_checkpoints[(2, 1)]  # GQA
+    reference = build(ckpt, tiny_tokenizer_path).model(TOKENS, 0)
+    generator = build(ckpt, tiny_tokenizer_path, quantize=quantize)
+    attention, feed_forward = generator.model.layers[0].attention, generator.model.layers[0].feed_forward
+    for layer in (attention.wq, attention.wk, attention.wv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3):
+        assert isinstance(layer, QuantizedLinear) and layer.scheme.name == quantize
+    # Embeddings, output layer and norms stay float.
+    assert isinstance(generator.model.output, nn.Linear) and generator.model.output.weight.dtype == torch.float32
+    assert generator.model.tok_embeddings.weight.dtype == torch.float32
+    logits = generator.model(TOKENS, 0)
+    scale = reference.abs().max()
+    error = (logits - reference).abs() / scale
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
+    report = f"{quantize}: max |error| {error.max():.4f}, mean {error.mean():.4f} (of max |logit| {scale:.2f}), top-1 agreement {top1:.3f}"
+    assert error.max() < max_error and error.mean() < mean_error and top1 >= agreement, report
+    tokens, _ = generator.generate([[1, 10, 11], [1, 20]], max_gen_len=8, temperature=0)
+    assert all(len(t) == 8 and all(0 <= i < generator.model.vocab_size for i in t) for t in tokens)
+    assert isinstance(generator.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"], str)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quantize):
+    generator = build(tiny_checkpoints[(2, 1)], tiny_tokenizer_path, quantize=quantize)
+    out = save_quantized(generator, tmp_path / "q")
+    assert sorted(p.name for p in out.iterdir()) == ["params.json", "quantization.json", "quantized.00.pt"]
+    info = json.loads((out / "quantization.json").read_text())
+    assert info["quantize"] == quantize and info["shards"] == 1 and info["dtype"] == "float32"
+    state = torch.load(out / "quantized.00.pt", weights_only=True)
+    assert state["layers.0.attention.wq.qweight"].dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+    assert state["output.weight"].dtype == torch.float32
+
+    expected = generator.model(TOKENS, 0)
+    for requested in (None, quantize):
+        reloaded = build(out, tiny_tokenizer_path, quantize=requested)
+        assert torch.equal(reloaded.model(TOKENS, 0), expected)
+    # Another dtype: floats and scales are cast, the integer weights kept.
+    assert build(out, tiny_tokenizer_path, dtype="bfloat16").model(TOKENS, 0).isfinite().all()
+
+    other = "int4-g32" if quantize == "int8" else "int8"
+    with pytest.raises(ValueError, match=f"quantized as '{quantize}', not the requested quantize='{other}'"):
+        build(out, tiny_tokenizer_path, quantize=other)
+    resharded = shutil.copytree(out, tmp_path / "two-shards")
+    (resharded / "quantization.json").write_text(json.dumps({**info, "shards": 2}))
+    with pytest.raises(ValueError, match="quantized for 2 model-parallel rank.* has 1; resharding quantized weights is not supported"):
+        build(resharded, tiny_tokenizer_path)
+    (resharded / "quantization.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid quantization description"):
+        build(resharded, tiny_tokenizer_path)
