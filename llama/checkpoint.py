@@ -204,6 +204,11 @@ def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
     (params.json + consolidated.NN.pth) or a Hugging Face Llama directory (config.json + weights)."""
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; pass --ckpt_dir llama-2-7b (the folder download.sh made)")
+    if (ckpt_dir / "quantization.json").exists():
+        raise CheckpointError(
+            f"{str(ckpt_dir)!r} holds quantized weights (llama.quantize.save_quantized): Llama.build loads it "
+            f"as it is, but it cannot be resharded or converted; convert the original float checkpoint instead"
+        )
     is_meta = (ckpt_dir / "params.json").exists() or any(ckpt_dir.glob("*.pth"))
     if not is_meta and (ckpt_dir / "config.json").is_file():
         from llama.hf import HFCheckpoint

@@ -9,6 +9,7 @@ from torch import nn
 
 from llama import Llama
 from llama.checkpoint import CheckpointError
+from llama.convert import reshard
 from llama.quantize import (
     QuantizedLinear,
     QuantScheme,
@@ -157,6 +158,8 @@ def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quanti
     assert state["layers.0.attention.wq.qweight"].dtype == (torch.int8 if quantize == "int8" else torch.uint8)
     assert state["output.weight"].dtype == torch.float32
 
+    with pytest.raises(CheckpointError, match="cannot be resharded or converted"):
+        reshard(str(out), str(tmp_path / "resharded"), shards=1)
     expected = generator.model(TOKENS, 0)
     for requested in (None, quantize):
         reloaded = build(out, tiny_tokenizer_path, quantize=requested)
