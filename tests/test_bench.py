@@ -1,0 +1,99 @@
+"""python -m llama.bench: smoke runs on the tiny shape, on the CPU."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from llama import bench
+from tests.conftest import check_exit, launch
+
+SMALL = {"shape": "tiny", "device": "cpu", "prompt_len": 8, "gen_len": 8, "batch": 2, "warmup": 1, "repeats": 2}
+SPEED_KEYS = {"ttft_s", "prefill_tok_s", "decode_step_s", "decode_tok_s", "e2e_tok_s", "bytes_per_step", "achieved_gbs", "bandwidth_pct"}
+
+
+def _check_speeds(r: dict, batches=("1", "2")) -> None:
+    assert r["copy_bandwidth_gbs"] > 0 and r["peak_memory_bytes"] > 0 and r["params"] > 0
+    assert r["ttft_s"] > 0 and r["prefill_tok_s"] > 0
+    assert sorted(r["ours"]) == sorted(batches)
+    for b in batches:
+        run = r["ours"][b]
+        assert SPEED_KEYS <= set(run), b
+        for key in SPEED_KEYS:
+            assert run[key] is not None and math.isfinite(run[key]) and run[key] > 0, (b, key, run[key])
+        # The bandwidth share comes from the two measured numbers: bytes per step over step time, over the copy rate.
+        assert run["achieved_gbs"] == pytest.approx(run["bytes_per_step"] / run["decode_step_s"] / 1e9)
+        assert run["bandwidth_pct"] == pytest.approx(100 * run["achieved_gbs"] / r["copy_bandwidth_gbs"])
+        assert run["decode_tok_s"] == pytest.approx(int(b) / run["decode_step_s"])
+        assert run["bytes_per_step"] == run["weight_bytes_per_step"] + run["kv_bytes_per_step"]
+
+
+def test_main_in_process(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    r = bench.main(**SMALL, json=str(out))
+    _check_speeds(r)
+    assert r["world_size"] == 1 and r["dtype"] == "float32" and "hf" not in r
+    assert json.loads(out.read_text())["ours"]["2"]["batch"] == 2
+    table = capsys.readouterr().out
+    assert "decode tok/s, batch 1" in table and "decode tok/s, batch 2" in table and "% of copy bandwidth" in table
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out]
+    proc = launch(args, timeout=120)
+    check_exit(proc)
+    r = json.loads(out.read_text())
+    _check_speeds(r)
+    assert r["shape"] == "tiny" and r["prompt_len"] == 8 and r["gen_len"] == 8 and r["batch"] == 2
+    assert "prefill tok/s" in proc.stdout and "{" not in proc.stdout  # the table, not the returned dict
+
+
+def test_compare_hf(capsys):
+    pytest.importorskip("transformers")
+    r = bench.main(**SMALL, compare_hf=True)
+    for b in ("1", "2"):
+        assert r["hf"][b]["decode_tok_s"] > 0
+        assert r["speedup_decode"][b] == pytest.approx(r["ours"][b]["decode_tok_s"] / r["hf"][b]["decode_tok_s"])
+        assert r["speedup_e2e"][b] > 0
+        # The same weights, prompts and greedy decoding: the same tokens (float32 on one CPU).
+        assert r["hf_tokens_match"][b] == 1.0
+    assert "ours/HF" in capsys.readouterr().out
+
+
+def test_under_torchrun(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out]
+    proc = launch(args, nproc=2, timeout=180)
+    check_exit(proc)
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2 and r["model_parallel_size"] == 2
+    assert r["per_rank"]["n_local_heads"] == bench.SHAPES["tiny"]["n_heads"] // 2
+    # Each rank holds half of the weights (the norms are replicated and tiny).
+    assert r["per_rank"]["weight_bytes"] < 0.6 * r["params"] * 4
+    _check_speeds(r)
+    assert proc.stdout.count("llama.bench: shape tiny") == 1  # rank 0 prints
+
+
+def test_random_model_dtype_and_bytes():
+    model = bench.build_random_model("tiny", torch.device("cpu"), torch.bfloat16, max_seq_len=16, max_batch_size=2)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    logits = model.forward(torch.tensor([[1, 2, 3]]), 0)
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+    s = bench.SHAPES["tiny"]
+    step = bench.decode_bytes_per_step(model, batch=2, prompt_len=10, gen_len=6)
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    assert step["weights"] == weights - s["vocab_size"] * s["dim"] * 2 + 2 * s["dim"] * 2
+    # keys and values, every layer, 2 rows, all heads, 13 positions on average, 2 bytes each
+    assert step["kv"] == 2 * s["n_layers"] * 2 * s["dim"] * 13 * 2
+    assert step["total"] == step["weights"] + step["kv"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        bench.build_random_model("3B", torch.device("cpu"), torch.float32, 8, 1)
+    with pytest.raises(ValueError, match="gen_len"):
+        bench.run("tiny", "cpu", gen_len=1)
