@@ -185,8 +185,10 @@ class Attention(nn.Module):
             k, v = self.cache.write_rows(start_pos, k, v)
         elif self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
+        # Without a mask, several queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.n_local_kv_heads != self.n_local_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+            enable_gqa=self.n_local_kv_heads != self.n_local_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -281,8 +283,8 @@ class Transformer(nn.Module):
         if self.rope.device != h.device:
             self.rope = self.rope.to(h.device)
         rope = self.rope[start_pos:end]
-        mask = None
-        if seqlen > 1:
+        mask = None  # one query sees the whole cache; a prompt from position 0 is plain causal attention
+        if seqlen > 1 and start_pos > 0:
             # Query i sits at position start_pos + i and sees every cached key up to it.
             mask = torch.ones(seqlen, end, dtype=torch.bool, device=h.device).tril(diagonal=start_pos)
         for layer in self.layers:
