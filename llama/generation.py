@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
+from llama.compiled import CompiledDecodeStep
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
 from llama import quantize as quantization
 from llama.checkpoint import CheckpointError, assign_weights, load_params, open_checkpoint, rank_plan
@@ -67,14 +68,15 @@ def _check_positive_int(name: str, value) -> None:
 
 
 class Llama:
+    #: Decode steps between two reads of the new tokens by the host (None: 16 on CUDA, 1 elsewhere).
+    #: Streaming and stop strings read every step.
+    host_sync_every: Optional[int] = None
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
-        # One-token steps go through a torch.compile'd fixed-shape decode step (CUDA graphs on GPU).
-        self._decode_step = None
-        if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode_step = torch.compile(model.decode_step, mode=mode)
+        # One-token steps go through a torch.compile'd fixed-shape decode step (see llama/compiled.py).
+        self._decode_step = CompiledDecodeStep(model) if compile else None
 
     @staticmethod
     def build(
@@ -221,7 +223,8 @@ class Llama:
             generator = torch.Generator(self.device).manual_seed(sampling.seed)
         batch = self.model.params.max_batch_size
         for i in range(0, len(prompt_tokens), batch):
-            steps = self._decode(prompt_tokens[i : i + batch], max_gen_len, sampling, logprobs, generator)
+            steps = self._decode(prompt_tokens[i : i + batch], max_gen_len, sampling, logprobs, generator,
+                                 self._host_sync_interval(sampling))
             batch_rows, token_logprobs = _run_to_end(steps)
             rows += batch_rows
             for row, row_lps in zip(batch_rows, token_logprobs):
@@ -235,8 +238,9 @@ class Llama:
         sampling: SamplingParams,
         logprobs: bool,
         generator: Optional[torch.Generator],
+        sync_every: int,
     ) -> Iterator[List[_Row]]:
-        """Decode one batch, yielding its rows after each step; returns (rows, per-position logprobs).
+        """Decode one batch, yielding its rows every sync_every steps; returns (rows, per-position logprobs).
 
         Decoding starts at the shortest prompt; where a longer prompt is still being read its own
         token is kept. A row stops at EOS, a stop string or max_gen_len; the batch when all have.
@@ -258,9 +262,14 @@ class Llama:
             # Tokens each sequence holds so far; positions past min_prompt_len join as they are reached.
             seen = torch.zeros((bsz, self.model.vocab_size), dtype=torch.bool, device=device)
             seen.scatter_(1, tokens[:, :min_prompt_len], True)
-        decoders = [IncrementalDecoder(self.tokenizer.decode, sampling.stop) for _ in rows] if sampling.stop else None
 
-        prev_pos = 0
+        # On CUDA the host reads the new tokens every few steps, not every step, so the GPU is never left
+        # waiting for the host to look at a token before it may start the next step. Steps run past the
+        # batch's end are discarded, and the random generator is put back as it was after the last
+        # needed step, so outputs and the generator's later draws are those of checking every step.
+        rng = _generator_in_use(generator, device) if sync_every > 1 and sampling.temperature > 0 else None
+        rng_states = []
+        prev_pos, synced = 0, min_prompt_len
         if min_prompt_len == total_len:  # nothing to generate: score the prompts
             for row in rows:
                 row.stop_reason = "length"
@@ -273,7 +282,7 @@ class Llama:
                 positions = torch.full((bsz,), prev_pos, dtype=torch.long, device=device)
                 logits = self._decode_step(tokens[:, prev_pos:cur_pos].contiguous(), positions)[:, None]
             else:
-                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             chosen = next_token(logits[:, -1], sampling, seen, generator)
             chosen = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], chosen)
             tokens[:, cur_pos] = chosen
@@ -283,16 +292,34 @@ class Llama:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
                 )
-            for row, token in zip(rows, chosen.tolist()):
-                if row.stop_reason is None and cur_pos >= row.prompt_len:
-                    self._append(row, token, max_gen_len, sampling.stop)
             prev_pos = cur_pos
+            if rng is not None:
+                rng_states.append(rng.get_state())
+            if cur_pos + 1 - synced < sync_every and cur_pos + 1 < total_len:
+                continue
+            for step, (pos, column) in enumerate(zip(range(synced, cur_pos + 1), tokens[:, synced : cur_pos + 1].T.tolist())):
+                for row, token in zip(rows, column):
+                    if row.stop_reason is None and pos >= row.prompt_len:
+                        self._append(row, token, max_gen_len, sampling.stop)
+                if all(row.stop_reason for row in rows):
+                    if rng is not None:
+                        rng.set_state(rng_states[step])
+                    break
+            synced, rng_states = cur_pos + 1, []
             yield rows
             if all(row.stop_reason for row in rows):
                 break
         for row in rows:
             row.stop_reason = row.stop_reason or "length"
         return rows, (token_logprobs.tolist() if logprobs else [[] for _ in rows])
+
+    def _host_sync_interval(self, sampling: SamplingParams) -> int:
+        """How many steps run between two looks of the host at the new tokens."""
+        if sampling.stop:
+            return 1  # a stop string may end a row at any token
+        if self.host_sync_every is not None:
+            return self.host_sync_every
+        return 16 if self.device.type == "cuda" else 1  # reading a CPU tensor costs nothing
 
     def _append(self, row: _Row, token: int, max_gen_len: int, stop: Tuple[str, ...]) -> None:
         """Add a newly generated token to row, and note whether the row is done."""
@@ -445,7 +472,7 @@ class Llama:
         decoder = IncrementalDecoder(self.tokenizer.decode, sampling.stop)
 
         def deltas() -> Iterator[str]:
-            steps = self._decode([prompt_tokens], max_gen_len, sampling, False, generator)
+            steps = self._decode([prompt_tokens], max_gen_len, sampling, False, generator, sync_every=1)
             row = _Row(len(prompt_tokens))
             try:
                 while True:
@@ -483,6 +510,17 @@ class Llama:
         if logprobs or return_stats:
             prediction["stats"] = stats
         return prediction
+
+
+def _generator_in_use(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
+    """The generator sampling draws from: the call's own, or the device's default one."""
+    if generator is not None:
+        return generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if device.type == "mps":
+        return torch.mps._get_default_mps_generator()
+    return torch.default_generator
 
 
 def _run_to_end(steps):

@@ -269,7 +269,9 @@ class Transformer(nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """last_only=True returns the last position's logits only (bsz, 1, vocab), skipping the output
+        layer for the others: the next token needs nothing else."""
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         if end > self.params.max_seq_len or bsz > self.params.max_batch_size:
@@ -289,6 +291,8 @@ class Transformer(nn.Module):
             mask = torch.ones(seqlen, end, dtype=torch.bool, device=h.device).tril(diagonal=start_pos)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
     @torch.no_grad()

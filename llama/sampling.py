@@ -70,7 +70,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # A token is dropped when the tokens before it already reach p; the most likely one always stays.
-    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.masked_fill_(probs_sum - probs_sort > p, 0.0)  # not mask indexing, which waits for the GPU
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)

@@ -83,12 +83,46 @@ def test_sequences_stop_at_eos_and_output_is_cut_before_it(generator):
     calls = []
     model = ScriptedModel(params, generator.model.vocab_size, script)
     original = model.forward
-    model.forward = lambda t, p: calls.append(p) or original(t, p)
+    model.forward = lambda t, p, **kw: calls.append(p) or original(t, p, **kw)
     scripted = Llama(model, generator.tokenizer)
     tokens, lps = scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=0, logprobs=True)
     assert tokens == [[7, 8], [5, 5, 5, 5, 5]]
     assert [len(x) for x in lps] == [2, 5]
     assert len(calls) == 6  # the batch stops once every row has produced EOS
+
+    # Reading the tokens every 4 steps (as on CUDA): same output; the steps run past EOS are 2 here.
+    calls.clear()
+    scripted.host_sync_every = 4
+    assert scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=0, logprobs=True) == (tokens, lps)
+    assert len(calls) == 8
+
+    # Sampling (the script's token has probability 0.996): the extra steps' draws are given back.
+    def sample(interval):
+        scripted.host_sync_every = interval
+        torch.manual_seed(0)
+        return scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=1.0, top_p=1.0), torch.rand(3).tolist()
+
+    assert sample(4) == sample(1)
+
+
+@pytest.mark.parametrize("sync_every", [2, 5])
+def test_reading_tokens_every_few_steps_changes_nothing(generator, sync_every):
+    """Outputs, stop reasons and the global generator's later draws equal those of reading every step."""
+
+    def run(interval):
+        generator.host_sync_every = interval
+        try:
+            torch.manual_seed(3)
+            out = [
+                generator.generate(RAGGED, max_gen_len=9, temperature=1.0, top_p=0.9, logprobs=True, return_stats=True),
+                generator.generate(RAGGED[:2], max_gen_len=7, temperature=0.7, top_k=5, seed=11),
+                generator.generate(RAGGED[1:4], max_gen_len=6, temperature=0, repetition_penalty=1.3),
+            ]
+            return out, torch.rand(4).tolist()  # the next draws show the generator's state
+        finally:
+            generator.host_sync_every = None
+
+    assert run(sync_every) == run(1)
 
 
 def test_sampling_is_reproducible_with_the_build_seed(tiny_checkpoints, tiny_tokenizer_path):

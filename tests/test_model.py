@@ -101,6 +101,16 @@ def test_incremental_decoding_with_cache_equals_full_forward(tiny):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits(tiny):
+    _, _, model = tiny
+    tokens = torch.tensor([[1, 5, 9, 33, 2], [1, 8, 8, 40, 12]])
+    full = model(tokens[:, :3], 0), model(tokens[:, 3:], 3)
+    last = model(tokens[:, :3], 0, last_only=True), model(tokens[:, 3:], 3, last_only=True)
+    for f, l in zip(full, last):
+        assert l.shape == (2, 1, model.vocab_size)
+        torch.testing.assert_close(l, f[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_smaller_batch_after_larger_reuses_cache_rows_correctly(tiny):
     _, _, model = tiny
     a = torch.tensor([[1, 5, 9, 33], [1, 8, 8, 40]])
