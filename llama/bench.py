@@ -30,6 +30,7 @@ from llama.distributed import (
     resolve_dtype,
     setup_model_parallel,
 )
+from llama import quantize as quantization
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 
@@ -101,6 +102,24 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _weight_bytes(model: Transformer) -> int:
+    """The bytes of the weights as stored: quantized weights and their scales included, the KV cache not."""
+    return sum(_bytes(t) for t in model.state_dict().values())
+
+
+def _first_match_share(tokens: List[List[int]], reference: List[List[int]], n: int) -> float:
+    """The share of rows whose first n tokens equal the reference's."""
+    return sum(t[:n] == r[:n] for t, r in zip(tokens, reference)) / len(reference)
+
+
+def quantization_error(reference_logits: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
+    """Max and mean absolute logit difference, and how often the top-1 token agrees, over every position."""
+    diff = (logits - reference_logits).abs()
+    top1 = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean()
+    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(), "top1_agreement": top1.item(),
+            "reference_logit_std": reference_logits.std().item()}
+
+
 def decode_bytes_per_step(model: Transformer, batch: int, prompt_len: int, gen_len: int) -> Dict[str, int]:
     """The bytes one decode step of this rank must read: its weights and the KV cache so far.
 
@@ -110,7 +129,7 @@ def decode_bytes_per_step(model: Transformer, batch: int, prompt_len: int, gen_l
     Activations and the new cache entries written are left out (they are tiny beside these).
     """
     emb = model.tok_embeddings.weight
-    weights = sum(_bytes(p) for p in model.parameters()) - _bytes(emb) + batch * emb.shape[1] * emb.element_size()
+    weights = _weight_bytes(model) - _bytes(emb) + batch * emb.shape[1] * emb.element_size()
     attn = model.layers[0].attention
     avg_positions = prompt_len + gen_len / 2
     kv = 2 * model.n_layers * batch * attn.n_local_kv_heads * attn.head_dim * avg_positions * emb.element_size()
@@ -351,6 +370,8 @@ def run(
     repeats: int = 3,
     seed: int = 0,
     compile: bool = False,
+    quantize: Optional[str] = None,
+    baseline_dtype: Optional[str] = None,
 ) -> dict:
     """Run the benchmark and return its results (see main for the arguments)."""
     for name, value, low in (("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2), ("batch", batch, 1),
@@ -359,6 +380,10 @@ def run(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    baseline_dtype = dtype if baseline_dtype is None else resolve_dtype(baseline_dtype, device)
+    scheme = quantization.parse_quantize(quantize)
+    if scheme is not None:
+        quantization.check_support(scheme, device, dtype)
     world = setup_model_parallel(device, None)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if compare_hf and world > 1:
@@ -368,21 +393,37 @@ def run(
     bandwidth = sum(_reduce([copy_bandwidth(device)], device, dist.ReduceOp.SUM))
     memory = PeakMemory(device)
     batches = sorted({1, batch})
-    model = build_random_model(shape, device, dtype, prompt_len + gen_len, max(batches), seed)
-    generator = Llama(model, _NoTextTokenizer(model.vocab_size), **({"compile": True} if compile else {}))
-
+    # Built in the baseline dtype, which transformers and the reference tokens use; then cast and quantized.
+    model = build_random_model(shape, device, baseline_dtype, prompt_len + gen_len, max(batches), seed)
+    n_params = int(sum(_reduce([sum(p.numel() for p in model.parameters())], device, dist.ReduceOp.SUM)))
+    tokenizer = _NoTextTokenizer(model.vocab_size)
     g = torch.Generator().manual_seed(seed)  # the same prompts on every rank
     prompts = torch.randint(0, model.vocab_size, (max(batches), prompt_len), generator=g).tolist()
+    hf = _hf_model(model, baseline_dtype, device) if compare_hf else None
+    # transformers reads the baseline weights each step: their bytes, before any cast or quantization.
+    baseline_step_bytes = {b: decode_bytes_per_step(model, b, prompt_len, gen_len)["total"] for b in batches}
+    baseline = None
+    if scheme is not None or dtype != baseline_dtype:
+        # What the change costs in accuracy: the eager baseline model's greedy tokens and logits on the same prompts.
+        baseline = {"tokens": Llama(model, tokenizer).generate(prompts, max_gen_len=gen_len, temperature=0.0)[0]}
+        prompt_ids = torch.tensor(prompts, device=device)
+        reference_logits = model.forward(prompt_ids, 0)
+        model.to(dtype)
+        if scheme is not None:
+            quantization.quantize_model(model, scheme)
+        baseline["logit_error"] = quantization_error(reference_logits, model.forward(prompt_ids, 0))
+        del reference_logits
+    generator = Llama(model, tokenizer, **({"compile": True} if compile else {}))
 
     def ours(p, n):
         return generator.generate(p, max_gen_len=n, temperature=0.0)[0]
 
-    local_weight_bytes = sum(_bytes(p) for p in model.parameters())
+    local_weight_bytes = _weight_bytes(model)
     attn = model.layers[0].attention
     results = {
         "shape": shape,
         "model_args": {k: v for k, v in asdict(model.params).items()},
-        "params": int(sum(_reduce([sum(p.numel() for p in model.parameters())], device, dist.ReduceOp.SUM))),
+        "params": n_params,
         "device": str(device),
         "device_name": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -404,6 +445,8 @@ def run(
         "warmup": warmup,
         "repeats": repeats,
         "compile": compile,
+        "quantize": scheme.name if scheme is not None else None,
+        "baseline_dtype": str(baseline_dtype).removeprefix("torch."),
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "eos": "disabled (eos_id=-1): every row generates exactly gen_len tokens",
         "ours": {},
@@ -420,7 +463,7 @@ def run(
     if compare_hf:
         import transformers
 
-        generators["hf"] = _hf_generate(_hf_model(model, dtype, device), device)
+        generators["hf"] = _hf_generate(hf, device)
         results["hf"] = {"transformers": transformers.__version__, "attn_implementation": "sdpa"}
         results["speedup_decode"], results["speedup_e2e"], results["hf_tokens_match"] = {}, {}, {}
     for b in batches:
@@ -433,12 +476,22 @@ def run(
                                          "weight_bytes_per_step": step["weights"], "kv_bytes_per_step": step["kv"]}
         if compare_hf:
             t_one, t_all, hf_tokens = timed["hf"]
-            theirs = results["hf"][str(b)] = _speed(t_one, t_all, b, prompt_len, gen_len, step["total"], bandwidth)
+            hf_bytes = int(sum(_reduce([baseline_step_bytes[b]], device, dist.ReduceOp.SUM)))
+            theirs = results["hf"][str(b)] = _speed(t_one, t_all, b, prompt_len, gen_len, hf_bytes, bandwidth)
             ok = ref["decode_tok_s"] and theirs["decode_tok_s"]
             results["speedup_decode"][str(b)] = ref["decode_tok_s"] / theirs["decode_tok_s"] if ok else None
             results["speedup_e2e"][str(b)] = ref["e2e_tok_s"] / theirs["e2e_tok_s"]
             same = sum(x == y for r, h in zip(tokens, hf_tokens) for x, y in zip(r, h))
             results["hf_tokens_match"][str(b)] = same / (b * gen_len)
+        if baseline is not None:
+            n = min(16, gen_len)
+            results.setdefault("baseline_agreement", {})[str(b)] = {
+                "first_n": n,
+                "rows_first_n_equal": _first_match_share(tokens, baseline["tokens"][:b], n),
+                "tokens_equal": sum(x == y for r, h in zip(tokens, baseline["tokens"]) for x, y in zip(r, h)) / (b * gen_len),
+            }
+    if baseline is not None:
+        results["logit_error"] = baseline["logit_error"]
     first = results["ours"]["1"]
     results["ttft_s"], results["prefill_tok_s"] = first["ttft_s"], first["prefill_tok_s"]
     if load_start is not None:
@@ -456,8 +509,8 @@ def format_table(r: dict) -> str:
     hf = r.get("hf")
     pr = r["per_rank"]
     lines = [
-        f"llama.bench: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}, device {r['device']}: "
-        f"{r['device_name']}",
+        f"llama.bench: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}"
+        f"{', weights ' + r['quantize'] if r.get('quantize') else ''}, device {r['device']}: {r['device_name']}",
         f"torch {r['torch']}, world size {r['world_size']} (model-parallel {r['model_parallel_size']}), "
         f"prompt {r['prompt_len']} tokens, {r['gen_len']} generated, greedy, EOS disabled, {'compiled decode step, ' if r['compile'] else ''}"
         f"best of {r['repeats']} after {r['warmup']} warm-up",
@@ -476,7 +529,8 @@ def format_table(r: dict) -> str:
         lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end "
                      f"(this run's own threads count; more than that is other work, which slows every figure)")
     if hf:
-        lines.append(f"compared with transformers {hf['transformers']} LlamaForCausalLM.generate (sdpa, default cache), same weights")
+        lines.append(f"compared with transformers {hf['transformers']} LlamaForCausalLM.generate (sdpa, default cache), "
+                     f"same weights in {r['baseline_dtype']}")
     lines.append("")
 
     rows = [("prefill tok/s (batch 1)", "prefill_tok_s", "1", "{:.0f}"), ("time to first token ms (batch 1)", "ttft_s", "1", "ms")]
@@ -516,6 +570,19 @@ def format_table(r: dict) -> str:
     if hf:
         match = ", ".join(f"batch {b}: {100 * r['hf_tokens_match'][b]:.0f}%" for b in batches)
         lines.append(f"greedy tokens equal to transformers': {match}")
+    if "baseline_agreement" in r:
+        agree = r["baseline_agreement"]
+        n = agree[batches[-1]]["first_n"]
+        lines.append(
+            f"against the unquantized {r['baseline_dtype']} model: rows whose first {n} greedy tokens are equal: "
+            + ", ".join(f"batch {b}: {100 * agree[b]['rows_first_n_equal']:.0f}%" for b in batches)
+            + "; all tokens equal: " + ", ".join(f"batch {b}: {100 * agree[b]['tokens_equal']:.0f}%" for b in batches)
+        )
+        e = r["logit_error"]
+        lines.append(
+            f"logit error on the prompts: max {e['max_abs']:.4f}, mean {e['mean_abs']:.4f} (logit std "
+            f"{e['reference_logit_std']:.2f}), top-1 agreement {100 * e['top1_agreement']:.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -532,6 +599,8 @@ def main(
     repeats: int = 3,
     seed: int = 0,
     compile: bool = False,
+    quantize: Optional[str] = None,
+    baseline_dtype: Optional[str] = None,
 ) -> dict:
     """Benchmark generation on a random model; print a table (rank 0) and optionally write JSON.
 
@@ -542,8 +611,12 @@ def main(
     json: a path to write the results to (rank 0). warmup, repeats: untimed and timed runs of each
     measurement (the best is reported). seed: weights and prompts.
     compile: generate through Llama(..., compile=True), the torch.compile'd decode step.
+    quantize: None, int8 or int4[-gN]: time the model with its weights quantized (see llama/quantize.py).
+    baseline_dtype: the dtype the random weights are made in (default: dtype), in which transformers runs
+    and against which, when dtype differs or quantize is set, greedy-token agreement and logit error are reported.
     """
-    results = run(shape, device, dtype, prompt_len, gen_len, batch, compare_hf, warmup, repeats, seed, compile)
+    results = run(shape, device, dtype, prompt_len, gen_len, batch, compare_hf, warmup, repeats, seed, compile,
+                  quantize, baseline_dtype)
     if global_rank() == 0:
         print(format_table(results), flush=True)
         if json:

@@ -62,6 +62,32 @@ def test_compare_hf(capsys):
     assert "ours/HF" in capsys.readouterr().out
 
 
+def test_quantized_against_its_float_baseline(capsys):
+    pytest.importorskip("transformers")
+    r = bench.main(**SMALL, quantize="int8", compare_hf=True)
+    _check_speeds(r)
+    assert r["quantize"] == "int8" and r["baseline_dtype"] == "float32"
+    float_weights = r["params"] * 4
+    # int8 attention/FFN weights: the stored bytes and each step's reads shrink; transformers reads float32.
+    assert r["per_rank"]["weight_bytes"] < 0.8 * float_weights
+    for b in ("1", "2"):
+        assert r["ours"][b]["weight_bytes_per_step"] < r["hf"][b]["bytes_per_step"]
+        agree = r["baseline_agreement"][b]
+        assert agree["first_n"] == 8 and 0 <= agree["rows_first_n_equal"] <= 1 and 0 <= agree["tokens_equal"] <= 1
+    e = r["logit_error"]
+    # int8 per-channel weights on N(0, 1/in) weights: small next to the logits' spread, same top-1 nearly always.
+    assert 0 < e["mean_abs"] < e["max_abs"] < e["reference_logit_std"]
+    assert e["mean_abs"] < 0.05 * e["reference_logit_std"] and e["top1_agreement"] > 0.8
+    table = capsys.readouterr().out
+    assert "weights int8" in table and "logit error" in table and "first 8 greedy tokens" in table
+
+
+def test_cast_without_quantizing_reports_agreement():
+    r = bench.main(**SMALL, dtype="bfloat16", baseline_dtype="float32")
+    assert r["dtype"] == "bfloat16" and r["quantize"] is None and "logit_error" in r
+    assert r["per_rank"]["weight_bytes"] == r["params"] * 2
+
+
 def test_under_torchrun(tmp_path):
     out = tmp_path / "r.json"
     args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out]
@@ -97,3 +123,5 @@ def test_bad_arguments():
         bench.build_random_model("3B", torch.device("cpu"), torch.float32, 8, 1)
     with pytest.raises(ValueError, match="gen_len"):
         bench.run("tiny", "cpu", gen_len=1)
+    with pytest.raises(ValueError, match="quantize"):
+        bench.run("tiny", "cpu", quantize="int3")
