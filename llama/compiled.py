@@ -10,7 +10,9 @@ the step is compiled again with torch's own kernels as well.
 
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not
-see later in-place changes to the weights.
+see later in-place changes to the weights. Every graph compiled holds such a copy, so on CPU one
+graph serves every batch size: the batch dimension is compiled as dynamic, and a batch of one is
+padded to two rows (dynamo always specialises a size of 1), which costs no measurable time.
 """
 
 import logging
@@ -43,13 +45,21 @@ class CompiledDecodeStep:
 
     @torch.no_grad()  # freezing applies only to graphs traced without autograd
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        bsz = tokens.shape[0]
+        slots = self.model.params.max_batch_size
+        if self.device.type == "cpu" and slots >= 2:
+            if bsz == 1:  # row 1 runs in batch slot 1, unused by a batch of one; its logits are dropped
+                tokens, positions = tokens.expand(2, 1).contiguous(), positions.expand(2).contiguous()
+            if slots > 2:
+                torch._dynamo.mark_dynamic(tokens, 0, min=2, max=slots)
+                torch._dynamo.mark_dynamic(positions, 0, min=2, max=slots)
         try:
             with self._inductor_options():
-                return self._step(tokens, positions)
+                return self._step(tokens, positions)[:bsz]
         except Exception as error:
             if self.device.type != "cpu" or self._gemm_backends != "CPP" or "NoValidChoicesError" not in repr(error):
                 raise
             logger.info("inductor's C++ GEMM template cannot do every matmul of this model; compiling with torch's kernels as well")
             self._gemm_backends = "CPP,ATEN"
             with self._inductor_options():
-                return self._step(tokens, positions)
+                return self._step(tokens, positions)[:bsz]

@@ -279,8 +279,11 @@ class Llama:
                 token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
         for cur_pos in range(min_prompt_len, total_len):
             if self._decode_step is not None and cur_pos - prev_pos == 1:
+                # Fresh tensors with the same strides at every step: a column of `tokens` would carry its
+                # row stride (total_len), and a new stride makes torch.compile compile the step again.
+                step_tokens = tokens[:, prev_pos].reshape(bsz, 1).clone(memory_format=torch.contiguous_format)
                 positions = torch.full((bsz,), prev_pos, dtype=torch.long, device=device)
-                logits = self._decode_step(tokens[:, prev_pos:cur_pos].contiguous(), positions)[:, None]
+                logits = self._decode_step(step_tokens, positions)[:, None]
             else:
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             chosen = next_token(logits[:, -1], sampling, seen, generator)

@@ -21,5 +21,27 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     for a, b in zip(got[1], expected[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
     assert again[0] == eager.generate([p[::-1] for p in prompts], max_gen_len=6, temperature=0)[0]
-    # Every decode step of both calls ran the one graph compiled at the first step.
+    # Batches of 1 and 2, other lengths: a (1, 1) slice of the token buffer would carry a new row stride each time.
+    for batch, n in ((1, 5), (1, 9), (2, 7)):
+        assert compiled.generate(prompts[:batch], max_gen_len=n, temperature=0)[0] == eager.generate(prompts[:batch], max_gen_len=n, temperature=0)[0]
+    # Every decode step of every call, at every batch size, ran the one graph compiled at the first step.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
+    """Where inductor's C++ GEMM template cannot do an int8 matmul (e.g. float32 activations on AVX2), torch's kernel serves."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.quantized_lowerings as quantized_lowerings
+    from llama.compiled import CompiledDecodeStep
+
+    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize="int8")
+    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([3, 7])
+    g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
+    expected = g.model.decode_step(tokens, positions)
+
+    monkeypatch.setattr(quantized_lowerings, "use_cpp_gemm_template", lambda *args, **kwargs: False)
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # a cached graph would skip the lowering
+    torch._dynamo.reset()
+    step = CompiledDecodeStep(g.model)
+    torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
+    assert step._gemm_backends == "CPP,ATEN"
