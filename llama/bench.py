@@ -372,12 +372,17 @@ def run(
     compile: bool = False,
     quantize: Optional[str] = None,
     baseline_dtype: Optional[str] = None,
+    max_seq_len: Optional[int] = None,
 ) -> dict:
     """Run the benchmark and return its results (see main for the arguments)."""
     for name, value, low in (("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2), ("batch", batch, 1),
                              ("warmup", warmup, 0), ("repeats", repeats, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if max_seq_len is None:
+        max_seq_len = prompt_len + gen_len
+    elif not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < prompt_len + gen_len:
+        raise ValueError(f"max_seq_len must be an integer >= prompt_len + gen_len = {prompt_len + gen_len}, got {max_seq_len!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     baseline_dtype = dtype if baseline_dtype is None else resolve_dtype(baseline_dtype, device)
@@ -394,7 +399,7 @@ def run(
     memory = PeakMemory(device)
     batches = sorted({1, batch})
     # Built in the baseline dtype, which transformers and the reference tokens use; then cast and quantized.
-    model = build_random_model(shape, device, baseline_dtype, prompt_len + gen_len, max(batches), seed)
+    model = build_random_model(shape, device, baseline_dtype, max_seq_len, max(batches), seed)
     n_params = int(sum(_reduce([sum(p.numel() for p in model.parameters())], device, dist.ReduceOp.SUM)))
     tokenizer = _NoTextTokenizer(model.vocab_size)
     g = torch.Generator().manual_seed(seed)  # the same prompts on every rank
@@ -441,6 +446,7 @@ def run(
         "torch": torch.__version__,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
+        "max_seq_len": max_seq_len,
         "batch": batch,
         "warmup": warmup,
         "repeats": repeats,
@@ -512,7 +518,8 @@ def format_table(r: dict) -> str:
         f"llama.bench: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}"
         f"{', weights ' + r['quantize'] if r.get('quantize') else ''}, device {r['device']}: {r['device_name']}",
         f"torch {r['torch']}, world size {r['world_size']} (model-parallel {r['model_parallel_size']}), "
-        f"prompt {r['prompt_len']} tokens, {r['gen_len']} generated, greedy, EOS disabled, {'compiled decode step, ' if r['compile'] else ''}"
+        f"prompt {r['prompt_len']} tokens, {r['gen_len']} generated, max_seq_len {r['max_seq_len']}, greedy, EOS disabled, "
+        f"{'compiled decode step, ' if r['compile'] else ''}"
         f"best of {r['repeats']} after {r['warmup']} warm-up",
     ]
     if r["model_parallel_size"] > 1:
@@ -601,6 +608,7 @@ def main(
     compile: bool = False,
     quantize: Optional[str] = None,
     baseline_dtype: Optional[str] = None,
+    max_seq_len: Optional[int] = None,
 ) -> dict:
     """Benchmark generation on a random model; print a table (rank 0) and optionally write JSON.
 
@@ -614,9 +622,10 @@ def main(
     quantize: None, int8 or int4[-gN]: time the model with its weights quantized (see llama/quantize.py).
     baseline_dtype: the dtype the random weights are made in (default: dtype), in which transformers runs
     and against which, when dtype differs or quantize is set, greedy-token agreement and logit error are reported.
+    max_seq_len: the context the model and its KV cache are built for (default prompt_len + gen_len).
     """
     results = run(shape, device, dtype, prompt_len, gen_len, batch, compare_hf, warmup, repeats, seed, compile,
-                  quantize, baseline_dtype)
+                  quantize, baseline_dtype, max_seq_len)
     if global_rank() == 0:
         print(format_table(results), flush=True)
         if json:

@@ -10,13 +10,13 @@ the step is compiled again with torch's own kernels as well.
 
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not
-see later in-place changes to the weights. Every graph compiled holds such a copy, so on CPU one
-graph serves every batch size: the batch dimension is compiled as dynamic, and a batch of one is
-padded to two rows (dynamo always specialises a size of 1), which costs no measurable time.
+see later in-place changes to the weights. Every graph compiled holds such a copy, so one graph
+serves every batch size: the batch dimension is compiled as dynamic, and a batch of one is padded
+to two rows (dynamo always specialises a size of 1), which costs no measurable time.
 """
 
 import logging
-from typing import Callable
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -26,13 +26,40 @@ logger = logging.getLogger(__name__)
 
 
 class CompiledDecodeStep:
-    """Call as model.decode_step(tokens, positions); the first call compiles (seconds to a minute)."""
+    """Call as model.decode_step(tokens, positions, kv_len); the first call compiles (seconds to a minute).
+
+    The step attends to the cache up to kv_len rounded up to a multiple of kv_bucket, not to the whole
+    cache: a short generation in a model built for long contexts reads only the keys it needs. The
+    attended length is a dynamic size of the one compiled graph (on CUDA, a CUDA graph is recorded
+    for each length met, at most max_seq_len / kv_bucket of them).
+    """
+
+    kv_bucket: int = 256
 
     def __init__(self, model: Transformer):
         self.model = model
         self.device = model.tok_embeddings.weight.device
-        self._step: Callable = torch.compile(model.decode_step, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        self._step: Callable = torch.compile(self._step_over_keys, mode="reduce-overhead" if self.device.type == "cuda" else None)
         self._gemm_backends = "CPP"  # on CPU; widened to "CPP,ATEN" when the template cannot do every matmul
+        self._key_slots: Dict[int, torch.Tensor] = {}
+
+    def _step_over_keys(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+        # The attended length comes in as the length of a tensor, the way a size can be marked dynamic.
+        return self.model.decode_step(tokens, positions, key_slots.shape[0])
+
+    def _key_slots_for(self, kv_len: int) -> torch.Tensor:
+        # Generation never needs all max_len positions: the token at the last one is generated, never fed
+        # back. Stopping one short keeps every attended slice of the cache non-contiguous, one case for
+        # the compiler (the whole cache, a contiguous slice, would be compiled again).
+        max_len = self.model.params.max_seq_len
+        if kv_len < max_len:
+            kv_len = min(max_len - 1, -(-kv_len // self.kv_bucket) * self.kv_bucket)
+        if kv_len not in self._key_slots:
+            self._key_slots[kv_len] = torch.empty(kv_len, device=self.device)
+        slots = self._key_slots[kv_len]
+        if kv_len < max_len and max_len - 1 > self.kv_bucket:  # more than one length: a dynamic size
+            torch._dynamo.mark_dynamic(slots, 0, min=2, max=max_len - 1)
+        return slots
 
     def _inductor_options(self):
         # Freezing happens when the step is traced, which happens inside a call: the options are set around
@@ -44,10 +71,12 @@ class CompiledDecodeStep:
         return inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends=self._gemm_backends)
 
     @torch.no_grad()  # freezing applies only to graphs traced without autograd
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+        """kv_len: attend to at least the first kv_len cache positions (default: all); above every position."""
+        key_slots = self._key_slots_for(self.model.params.max_seq_len if kv_len is None else kv_len)
         bsz = tokens.shape[0]
         slots = self.model.params.max_batch_size
-        if self.device.type == "cpu" and slots >= 2:
+        if slots >= 2:
             if bsz == 1:  # row 1 runs in batch slot 1, unused by a batch of one; its logits are dropped
                 tokens, positions = tokens.expand(2, 1).contiguous(), positions.expand(2).contiguous()
             if slots > 2:
@@ -55,11 +84,11 @@ class CompiledDecodeStep:
                 torch._dynamo.mark_dynamic(positions, 0, min=2, max=slots)
         try:
             with self._inductor_options():
-                return self._step(tokens, positions)[:bsz]
+                return self._step(tokens, positions, key_slots)[:bsz]
         except Exception as error:
             if self.device.type != "cpu" or self._gemm_backends != "CPP" or "NoValidChoicesError" not in repr(error):
                 raise
             logger.info("inductor's C++ GEMM template cannot do every matmul of this model; compiling with torch's kernels as well")
             self._gemm_backends = "CPP,ATEN"
             with self._inductor_options():
-                return self._step(tokens, positions)[:bsz]
+                return self._step(tokens, positions, key_slots)[:bsz]

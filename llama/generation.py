@@ -283,7 +283,7 @@ class Llama:
                 # row stride (total_len), and a new stride makes torch.compile compile the step again.
                 step_tokens = tokens[:, prev_pos].reshape(bsz, 1).clone(memory_format=torch.contiguous_format)
                 positions = torch.full((bsz,), prev_pos, dtype=torch.long, device=device)
-                logits = self._decode_step(step_tokens, positions)[:, None]
+                logits = self._decode_step(step_tokens, positions, cur_pos)[:, None]
             else:
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             chosen = next_token(logits[:, -1], sampling, seen, generator)

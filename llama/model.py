@@ -147,13 +147,15 @@ class KVCache(nn.Module):
         self.v[:bsz, :, start_pos:end] = v
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
-    def write_rows(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_rows(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one new position per row (row i at positions[i]) from k, v (bsz, kv heads, 1, head_dim);
-        return every position's keys and values of those rows. Shapes do not depend on the positions."""
+        return the keys and values of those rows at positions 0..kv_len-1. Shapes do not depend on the positions."""
         rows = torch.arange(k.shape[0], device=k.device)
         self.k[rows, :, positions] = k[:, :, 0]
         self.v[rows, :, positions] = v[:, :, 0]
-        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+        return self.k[: k.shape[0], :, :kv_len], self.v[: v.shape[0], :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -181,8 +183,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if isinstance(start_pos, torch.Tensor):
-            k, v = self.cache.write_rows(start_pos, k, v)
+        if isinstance(start_pos, torch.Tensor):  # a position per row; the mask spans the keys to attend
+            k, v = self.cache.write_rows(start_pos, k, v, mask.shape[-1])
         elif self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         # Without a mask, several queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
@@ -296,21 +298,26 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """One new token per row, row i at its own position positions[i]: tokens (bsz, 1), positions (bsz,).
 
-        Returns float32 logits (bsz, vocab). Attention spans the whole preallocated cache under a mask,
-        so shapes are the same at every step (torch.compile and CUDA graphs capture it once), and
-        each row is a batch slot at its own point in its sequence.
+        Returns float32 logits (bsz, vocab). Attention spans the first kv_len positions of the cache
+        (all of it by default; every position must be below kv_len) under a mask, so shapes do not
+        depend on the positions (torch.compile and CUDA graphs capture one step for all), and each row
+        is a batch slot at its own point in its sequence.
         """
         if not self._cache_fits(tokens.shape[0], self.params.max_seq_len):
             self.setup_cache()
+        cache_len = self.layers[0].attention.cache.k.shape[2]
+        if kv_len is None:
+            kv_len = cache_len
+        elif not 1 <= kv_len <= cache_len:
+            raise ValueError(f"kv_len={kv_len} must be between 1 and the cache's length {cache_len}")
         h = self.tok_embeddings(tokens)
         if self.rope.device != h.device:
             self.rope = self.rope.to(h.device)
         rope = self.rope[positions][:, None]
-        cache_len = self.layers[0].attention.cache.k.shape[2]
-        mask = (torch.arange(cache_len, device=h.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = (torch.arange(kv_len, device=h.device)[None, :] <= positions[:, None])[:, None, None, :]
         for layer in self.layers:
             h = layer(h, positions, rope, mask)
         return self.output(self.norm(h))[:, -1].float()

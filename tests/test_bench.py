@@ -34,6 +34,7 @@ def test_main_in_process(tmp_path, capsys):
     r = bench.main(**SMALL, json=str(out))
     _check_speeds(r)
     assert r["world_size"] == 1 and r["dtype"] == "float32" and "hf" not in r
+    assert r["max_seq_len"] == r["model_args"]["max_seq_len"] == 16  # prompt_len + gen_len
     assert json.loads(out.read_text())["ours"]["2"]["batch"] == 2
     table = capsys.readouterr().out
     assert "decode tok/s, batch 1" in table and "decode tok/s, batch 2" in table and "% of copy bandwidth" in table
@@ -41,12 +42,13 @@ def test_main_in_process(tmp_path, capsys):
 
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out]
+    args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out, "--max_seq_len", "40"]
     proc = launch(args, timeout=120)
     check_exit(proc)
     r = json.loads(out.read_text())
     _check_speeds(r)
     assert r["shape"] == "tiny" and r["prompt_len"] == 8 and r["gen_len"] == 8 and r["batch"] == 2
+    assert r["max_seq_len"] == r["model_args"]["max_seq_len"] == 40 and "max_seq_len 40" in proc.stdout
     assert "prefill tok/s" in proc.stdout and "{" not in proc.stdout  # the table, not the returned dict
 
 
@@ -90,7 +92,7 @@ def test_cast_without_quantizing_reports_agreement():
 
 def test_under_torchrun(tmp_path):
     out = tmp_path / "r.json"
-    args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out]
+    args = ["-m", "llama.bench"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--json", out, "--max_seq_len", "40"]
     proc = launch(args, nproc=2, timeout=180)
     check_exit(proc)
     r = json.loads(out.read_text())
@@ -125,3 +127,5 @@ def test_bad_arguments():
         bench.run("tiny", "cpu", gen_len=1)
     with pytest.raises(ValueError, match="quantize"):
         bench.run("tiny", "cpu", quantize="int3")
+    with pytest.raises(ValueError, match=r"max_seq_len must be an integer >= prompt_len \+ gen_len = 12"):
+        bench.run("tiny", "cpu", prompt_len=8, gen_len=4, max_seq_len=11)

@@ -6,7 +6,12 @@ import torch._dynamo.utils
 from llama import Llama
 
 
-def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path):
+def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
+    from llama.compiled import CompiledDecodeStep
+
+    # Attend to the cache in steps of 8 positions: lengths 8, 16, 24 and 32 are all met below.
+    monkeypatch.setattr(CompiledDecodeStep, "kv_bucket", 8)
+
     def build(compile):
         return Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 48, 3, device="cpu", compile=compile)
 
@@ -14,8 +19,8 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     prompts = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32]]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    expected = eager.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
-    got = compiled.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    expected = eager.generate(prompts, max_gen_len=28, temperature=0, logprobs=True)
+    got = compiled.generate(prompts, max_gen_len=28, temperature=0, logprobs=True)
     again = compiled.generate([p[::-1] for p in prompts], max_gen_len=6, temperature=0)
     assert got[0] == expected[0]
     for a, b in zip(got[1], expected[1]):
@@ -24,7 +29,7 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     # Batches of 1 and 2, other lengths: a (1, 1) slice of the token buffer would carry a new row stride each time.
     for batch, n in ((1, 5), (1, 9), (2, 7)):
         assert compiled.generate(prompts[:batch], max_gen_len=n, temperature=0)[0] == eager.generate(prompts[:batch], max_gen_len=n, temperature=0)[0]
-    # Every decode step of every call, at every batch size, ran the one graph compiled at the first step.
+    # Every decode step of every call, at every batch size and attended length, ran the one graph compiled first.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 

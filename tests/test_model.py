@@ -153,7 +153,14 @@ def test_decode_step_with_a_position_per_row_equals_full_forwards(tiny):
     with torch.no_grad():
         for a, b in zip(model.layers, other.layers):
             a.attention.cache.k[1], a.attention.cache.v[1] = b.attention.cache.k[0], b.attention.cache.v[0]
-    logits = model.decode_step(torch.tensor([[seqs[0][6]], [seqs[1][3]]]), torch.tensor([6, 3]))
-    assert logits.shape == (2, VOCAB) and logits.dtype == torch.float32
-    torch.testing.assert_close(logits[0], expected[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[1], expected[1], atol=1e-5, rtol=1e-5)
+    step_tokens, positions = torch.tensor([[seqs[0][6]], [seqs[1][3]]]), torch.tensor([6, 3])
+    # Over the whole cache, and over only the first 7 positions (just past the furthest row): the same step.
+    for kv_len in (None, 7):
+        logits = model.decode_step(step_tokens, positions, kv_len)
+        assert logits.shape == (2, VOCAB) and logits.dtype == torch.float32
+        torch.testing.assert_close(logits[0], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[1], expected[1], atol=1e-5, rtol=1e-5)
+    cache_len = model.layers[0].attention.cache.k.shape[2]
+    for kv_len in (0, cache_len + 1):
+        with pytest.raises(ValueError, match=f"kv_len={kv_len} must be between 1 and the cache's length {cache_len}"):
+            model.decode_step(step_tokens, positions, kv_len)
