@@ -1,6 +1,7 @@
 """Device choice and process-group setup for one process per device (torchrun) or a plain process."""
 
 import atexit
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -83,7 +84,13 @@ def _destroy_process_group() -> None:
             dist.monitored_barrier(timeout=timedelta(seconds=30))
         except RuntimeError:
             pass
+    # fairscale's module globals hold its groups; a group still referenced at interpreter shutdown is
+    # torn down then, with its Gloo threads, which can abort. Dropped here, all go with destroy_process_group.
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    mpu.destroy_model_parallel()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int]) -> int:
