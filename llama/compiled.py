@@ -58,7 +58,7 @@ class CompiledDecodeStep:
             self._key_slots[kv_len] = torch.empty(kv_len, device=self.device)
         slots = self._key_slots[kv_len]
         if kv_len < max_len and max_len - 1 > self.kv_bucket:  # more than one length: a dynamic size
-            torch._dynamo.mark_dynamic(slots, 0, min=2, max=max_len - 1)
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
         return slots
 
     def _inductor_options(self):
@@ -80,8 +80,8 @@ class CompiledDecodeStep:
             if bsz == 1:  # row 1 runs in batch slot 1, unused by a batch of one; its logits are dropped
                 tokens, positions = tokens.expand(2, 1).contiguous(), positions.expand(2).contiguous()
             if slots > 2:
-                torch._dynamo.mark_dynamic(tokens, 0, min=2, max=slots)
-                torch._dynamo.mark_dynamic(positions, 0, min=2, max=slots)
+                torch._dynamo.maybe_mark_dynamic(tokens, 0)
+                torch._dynamo.maybe_mark_dynamic(positions, 0)
         try:
             with self._inductor_options():
                 return self._step(tokens, positions, key_slots)[:bsz]

@@ -4,6 +4,7 @@ import torch
 import torch._dynamo.utils
 
 from llama import Llama
+from tests.conftest import REPO, check_exit, launch
 
 
 def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
@@ -50,3 +51,15 @@ def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny
     step = CompiledDecodeStep(g.model)
     torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
     assert step._gemm_backends == "CPP,ATEN"
+
+
+def test_compiled_decode_under_model_parallel(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
+    """Two ranks (Gloo): fairscale's collectives split the step into several graphs; outputs still equal eager."""
+    out = tmp_path / "out"
+    check_exit(launch([REPO / "tests" / "compile_worker.py", tiny_checkpoints[(2, 2)], tiny_tokenizer_path, out], nproc=2, timeout=600))
+    ranks = [torch.load(f"{out}.rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        for (eager_tokens, eager_lps), (tokens, lps) in zip(result["eager"], result["compiled"]):
+            assert tokens == eager_tokens
+            torch.testing.assert_close(torch.tensor(sum(lps, [])), torch.tensor(sum(eager_lps, [])), atol=1e-4, rtol=0)
+    assert ranks[0]["compiled"] == ranks[1]["compiled"]

@@ -1,0 +1,27 @@
+"""Run under torchrun by test_compile.py: each rank saves eager and compiled greedy generations.
+
+argv: ckpt_dir tokenizer_path out_prefix."""
+
+import sys
+
+import torch
+import torch._dynamo.utils
+
+from llama import Llama
+from llama.distributed import global_rank
+
+PROMPTS = [[1, 10, 11, 12, 13, 14, 15], [1, 20], [1, 30, 31, 32]]
+
+
+def main(ckpt_dir: str, tokenizer_path: str, out_prefix: str) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for compile in (False, True):
+        generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=3, device="cpu", compile=compile)
+        results[compile] = [generator.generate(p, max_gen_len=12, temperature=0, logprobs=True) for p in (PROMPTS, PROMPTS[:1])]
+    torch.save({"eager": results[False], "compiled": results[True], "stats": dict(torch._dynamo.utils.counters["stats"])},
+               f"{out_prefix}.rank{global_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
