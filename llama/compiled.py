@@ -67,7 +67,8 @@ class CompiledDecodeStep:
         import torch._inductor.config as inductor_config
 
         if self.device.type != "cpu":
-            return inductor_config.patch({})
+            # A CUDA graph is recorded for each batch size and attended length met: expected, not worth a warning.
+            return inductor_config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None})
         return inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends=self._gemm_backends)
 
     @torch.no_grad()  # freezing applies only to graphs traced without autograd
