@@ -99,6 +99,9 @@ def test_incremental_decoding_with_cache_equals_full_forward(tiny):
     pieces = [model(tokens[:, :4], 0), model(tokens[:, 4:7], 4)]
     pieces += [model(tokens[:, p : p + 1], p) for p in range(7, 10)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    # And against the explicit formula (float64 softmax attention, repeated kv heads, no cache).
+    for row, logits in zip(tokens.tolist(), torch.cat(pieces, dim=1)):
+        torch.testing.assert_close(logits.double(), naive_logits(sd, params, row), atol=1e-4, rtol=1e-4)
 
 
 def test_last_only_gives_the_last_positions_logits(tiny):
