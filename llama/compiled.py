@@ -68,7 +68,8 @@ class CompiledDecodeStep:
 
         if self.device.type != "cpu":
             # A CUDA graph is recorded for each batch size and attended length met: expected, not worth a warning.
-            return inductor_config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None})
+            quiet = hasattr(inductor_config.triton, "cudagraph_dynamic_shape_warn_limit")  # not in every torch
+            return inductor_config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None} if quiet else {})
         return inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends=self._gemm_backends)
 
     @torch.no_grad()  # freezing applies only to graphs traced without autograd
