@@ -30,6 +30,9 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     # Batches of 1 and 2, other lengths: a (1, 1) slice of the token buffer would carry a new row stride each time.
     for batch, n in ((1, 5), (1, 9), (2, 7)):
         assert compiled.generate(prompts[:batch], max_gen_len=n, temperature=0)[0] == eager.generate(prompts[:batch], max_gen_len=n, temperature=0)[0]
+    # Streaming goes through the same compiled step.
+    streamed = "".join(compiled.stream_text_completion("Hello world", max_gen_len=8, temperature=0))
+    assert streamed == eager.text_completion(["Hello world"], max_gen_len=8, temperature=0)[0]["generation"]
     # Every decode step of every call, at every batch size and attended length, ran the one graph compiled first.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
