@@ -19,6 +19,7 @@ import logging
 from typing import Callable, Dict, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama.model import Transformer
 
@@ -45,7 +46,12 @@ class CompiledDecodeStep:
 
     def _step_over_keys(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
         # The attended length comes in as the length of a tensor, the way a size can be marked dynamic.
-        return self.model.decode_step(tokens, positions, key_slots.shape[0])
+        if self.device.type != "cpu":
+            return self.model.decode_step(tokens, positions, key_slots.shape[0])
+        # One query per row: inductor fuses SDPA's math form into the step, which beats the CPU flash
+        # kernel's per-call cost at these sizes (about 10% of a 134M step at batch 8).
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.model.decode_step(tokens, positions, key_slots.shape[0])
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
         # Generation never needs all max_len positions: the token at the last one is generated, never fed
