@@ -15,6 +15,7 @@ SPEED_KEYS = {"ttft_s", "prefill_tok_s", "decode_step_s", "decode_tok_s", "e2e_t
 
 def _check_speeds(r: dict, batches=("1", "2")) -> None:
     assert r["copy_bandwidth_gbs"] > 0 and r["peak_memory_bytes"] > 0 and r["params"] > 0
+    assert r["copy_bandwidth_gbs"] == max(r["copy_bandwidth_gbs_start_end"])
     assert r["ttft_s"] > 0 and r["prefill_tok_s"] > 0
     assert sorted(r["ours"]) == sorted(batches)
     for b in batches:
