@@ -451,7 +451,6 @@ def run(
         "compile": compile,
         "quantize": scheme.name if scheme is not None else None,
         "baseline_dtype": str(baseline_dtype).removeprefix("torch."),
-
         "eos": "disabled (eos_id=-1): every row generates exactly gen_len tokens",
         "ours": {},
     }

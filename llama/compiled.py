@@ -16,6 +16,7 @@ to two rows (dynamo always specialises a size of 1), which costs no measurable t
 """
 
 import logging
+from contextlib import nullcontext
 from typing import Callable, Dict, Optional
 
 import torch
@@ -46,11 +47,9 @@ class CompiledDecodeStep:
 
     def _step_over_keys(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
         # The attended length comes in as the length of a tensor, the way a size can be marked dynamic.
-        if self.device.type != "cpu":
-            return self.model.decode_step(tokens, positions, key_slots.shape[0])
-        # One query per row: inductor fuses SDPA's math form into the step, which beats the CPU flash
-        # kernel's per-call cost at these sizes (about 10% of a 134M step at batch 8).
-        with sdpa_kernel(SDPBackend.MATH):
+        # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
+        # flash kernel's per-call cost at these sizes (about 10% of a 134M step at batch 8).
+        with sdpa_kernel(SDPBackend.MATH) if self.device.type == "cpu" else nullcontext():
             return self.model.decode_step(tokens, positions, key_slots.shape[0])
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
@@ -91,12 +90,14 @@ class CompiledDecodeStep:
                 torch._dynamo.maybe_mark_dynamic(tokens, 0)
                 torch._dynamo.maybe_mark_dynamic(positions, 0)
         try:
-            with self._inductor_options():
-                return self._step(tokens, positions, key_slots)[:bsz]
+            return self._run(tokens, positions, key_slots)[:bsz]
         except Exception as error:
             if self.device.type != "cpu" or self._gemm_backends != "CPP" or "NoValidChoicesError" not in repr(error):
                 raise
             logger.info("inductor's C++ GEMM template cannot do every matmul of this model; compiling with torch's kernels as well")
             self._gemm_backends = "CPP,ATEN"
-            with self._inductor_options():
-                return self._step(tokens, positions, key_slots)[:bsz]
+            return self._run(tokens, positions, key_slots)[:bsz]
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+        with self._inductor_options():
+            return self._step(tokens, positions, key_slots)
