@@ -10,6 +10,8 @@ bandwidth measured in the same run. With --compare_hf it times transformers' Lla
 on the very same weights. See the "Performance" section of README.md for how each number is defined.
 """
 
+import ctypes
+import gc
 import json as _json
 import os
 import platform
@@ -208,7 +210,8 @@ class PeakMemory:
 
     CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the resident set's high-water mark (VmHWM),
     reset at the start through /proc/self/clear_refs where the kernel allows it, less the resident
-    set at the start; elsewhere getrusage's maximum RSS, which cannot be reset.
+    set at the start; elsewhere getrusage's maximum RSS, which cannot be reset. Memory freed by
+    earlier work is given back to the system first (glibc's malloc_trim), or reusing it would not count.
     """
 
     def __init__(self, device: torch.device):
@@ -219,6 +222,11 @@ class PeakMemory:
             self.method = "torch.cuda.max_memory_allocated"
             return
         self.method = "getrusage ru_maxrss"
+        gc.collect()
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
