@@ -9,6 +9,14 @@ Schemes (the ``quantize`` argument of ``Llama.build``):
   min/max): q in [0, 15] with w ~= (q - 8) * scale + zero, the layout of torch's int4 kernels.
   Matmul: ``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA (bfloat16 only).
 
+On CPU the quantized matmuls compute in bfloat16 whatever the model's dtype: torch's CPU int8 and int4
+kernels are vectorized only for bfloat16 inputs (their float32 and float16 paths run scalar code, 15 to
+130 times slower, slower than not quantizing at all). So on CPU a quantized layer rounds its input to
+bfloat16, accumulates in float32 and returns its bfloat16 result in the model's dtype, and its scales are
+bfloat16 (the weights are rounded against those scales, so this adds no weight error). Everything else
+of a float32 model (norms, attention, KV cache, residual stream, output layer) stays float32. Elsewhere
+the matmul runs in the model's dtype.
+
 Only the attention and feed-forward projections (wq, wk, wv, wo, w1, w2, w3) are quantized; the
 token embeddings, the output layer and the norms stay in the model's float dtype (the output layer
 is small next to the rest and the logits are most sensitive to it). Each element's error is at
@@ -88,6 +96,11 @@ def _ops(scheme: QuantScheme, device: torch.device) -> Tuple[str, ...]:
     if device.type == "cpu":
         return ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
     return ("_convert_weight_to_int4pack", "_weight_int4pack_mm")
+
+
+def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the quantized matmuls of a model in dtype compute in on device (see the module docstring)."""
+    return torch.bfloat16 if device.type == "cpu" else dtype
 
 
 def check_support(scheme: QuantScheme, device: torch.device, dtype: torch.dtype) -> None:
@@ -197,7 +210,8 @@ class QuantizedLinear(nn.Module):
     """A bias-free linear layer with an int8 or int4 weight, standing in for nn.Linear or for
     fairscale's Column/RowParallelLinear: ``parallel`` "column" and "row" keep those layers' forward
     collectives (copy/gather and reduce of fairscale.nn.model_parallel.mappings) around the
-    quantized matmul. Inputs must have the scales' dtype (the model's dtype)."""
+    quantized matmul. The matmul runs in the scales' dtype (``matmul_dtype``); inputs of another
+    float dtype are cast to it and the output back to the input's dtype."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, weight: torch.Tensor,
                  scales: torch.Tensor, parallel: str = "none", gather_output: bool = False):
@@ -213,9 +227,11 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> "QuantizedLinear":
-        """Quantize weight (this rank's (out, in) slice) for the place of layer (nn.Linear or fairscale's)."""
+        """Quantize weight (this rank's (out, in) slice, on its device) for the place of layer (nn.Linear
+        or fairscale's) in a model of dtype."""
         parallel, gather = _parallel_kind(layer)
         out_features, in_features = weight.shape
+        dtype = matmul_dtype(weight.device, dtype)
         if scheme.bits == 8:
             q, scales = quantize_int8(weight, dtype)
         else:
@@ -227,14 +243,14 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.name}, parallel={self.parallel}"
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features).contiguous()
+        x2d = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
         if self.scheme.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.scales)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.weight, self.scheme.group_size, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2d, self.weight, self.scheme.group_size, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel == "none":
@@ -266,6 +282,7 @@ class QuantizedLinear(nn.Module):
     def from_portable(cls, state: Dict[str, torch.Tensor], scheme: QuantScheme, parallel: str, gather_output: bool,
                       device: torch.device, dtype: torch.dtype) -> "QuantizedLinear":
         q = state["qweight"].to(device)
+        dtype = matmul_dtype(device, dtype)
         if scheme.bits == 8:
             out_features, in_features = q.shape
             return cls(in_features, out_features, scheme, q, state["scales"].to(device, dtype), parallel, gather_output)
@@ -470,7 +487,7 @@ def check_stored_request(stored: dict, requested: Optional[QuantScheme], world: 
 
 def load_quantized(model: nn.Module, ckpt_dir: Path, stored: dict, rank: int, device: torch.device, dtype: torch.dtype) -> int:
     """Load this rank's quantized.NN.pt into the float model (meta device is fine), replacing its
-    quantizable layers. Float tensors and scales are cast to dtype. Returns the bytes read."""
+    quantizable layers. Float tensors are cast to dtype, scales to matmul_dtype(device, dtype). Returns the bytes read."""
     scheme = stored["scheme"]
     check_support(scheme, device, dtype)
     path = _shard_path(ckpt_dir, rank)
