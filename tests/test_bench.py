@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from llama import bench
+from llama import Llama, bench
+from llama.quantize import quantize_model
 from tests.conftest import check_exit, launch
 
 SMALL = {"shape": "tiny", "device": "cpu", "prompt_len": 8, "gen_len": 8, "batch": 2, "warmup": 1, "repeats": 2}
@@ -75,14 +76,34 @@ def test_quantized_against_its_float_baseline(capsys):
     assert r["per_rank"]["weight_bytes"] < 0.8 * float_weights
     for b in ("1", "2"):
         assert r["ours"][b]["weight_bytes_per_step"] < r["hf"][b]["bytes_per_step"]
-        agree = r["baseline_agreement"][b]
-        assert agree["first_n"] == 8 and 0 <= agree["rows_first_n_equal"] <= 1 and 0 <= agree["tokens_equal"] <= 1
+    agree = r["baseline_agreement"]
+    assert agree["prompts"] == 2 and agree["first_n"] == 8  # batch prompts; 16 tokens or gen_len
+    assert 0 <= agree["rows_first_n_equal"] <= 1 and 0 <= agree["tokens_equal"] <= 1
+    assert 0 <= agree["mean_tokens_before_first_difference"] <= 8
     e = r["logit_error"]
     # int8 per-channel weights on N(0, 1/in) weights: small next to the logits' spread, same top-1 nearly always.
     assert 0 < e["mean_abs"] < e["max_abs"] < e["reference_logit_std"]
     assert e["mean_abs"] < 0.05 * e["reference_logit_std"] and e["top1_agreement"] > 0.8
     table = capsys.readouterr().out
-    assert "weights int8" in table and "logit error" in table and "first 8 greedy tokens" in table
+    assert "weights int8" in table and "logit error" in table and "2 prompts: rows whose first 8 tokens" in table
+
+
+def test_agreement_on_more_prompts_than_the_batch():
+    """The shares are those of 5 prompts (more than the batch, so generated in chunks), recomputed
+    here from the same random model and prompts: float32 against int4, greedy."""
+    r = bench.main(**SMALL, quantize="int4-g32", agreement_prompts=5)
+    assert r["ours"]["2"]["batch"] == 2  # the timed batch is unchanged
+    model = bench.build_random_model("tiny", torch.device("cpu"), torch.float32, 16, 2, seed=0)
+    prompts = torch.randint(0, model.vocab_size, (5, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    tokenizer = bench._NoTextTokenizer(model.vocab_size)
+    reference = Llama(model, tokenizer).generate(prompts, max_gen_len=8, temperature=0.0)[0]
+    tokens = Llama(quantize_model(model, "int4-g32"), tokenizer).generate(prompts, max_gen_len=8, temperature=0.0)[0]
+    rows_equal = sum(t == ref for t, ref in zip(tokens, reference))
+    tokens_equal = sum(x == y for t, ref in zip(tokens, reference) for x, y in zip(t, ref))
+    agree = r["baseline_agreement"]
+    assert agree["prompts"] == 5 and agree["first_n"] == 8
+    assert agree["rows_first_n_equal"] == rows_equal / 5 and agree["tokens_equal"] == tokens_equal / 40
+    assert rows_equal < 5  # int4 changed something, so the comparison has teeth
 
 
 def test_cast_without_quantizing_reports_agreement():
@@ -124,6 +145,8 @@ def test_random_model_dtype_and_bytes():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         bench.build_random_model("3B", torch.device("cpu"), torch.float32, 8, 1)
+    with pytest.raises(ValueError, match="agreement_prompts must be an integer >= 1"):
+        bench.run(shape="tiny", agreement_prompts=0)
     with pytest.raises(ValueError, match="gen_len"):
         bench.run("tiny", "cpu", gen_len=1)
     with pytest.raises(ValueError, match="quantize"):
