@@ -5,8 +5,8 @@ CPU: inductor with freezing and max-autotune: the weights become constants of th
 for inductor's C++ GEMM template, which streams a weight at close to the memory bandwidth at the
 small row counts of decoding (oneDNN/MKL reach about half of it there). The template is asked for
 alone, since autotuning times both choices with every weight hot in cache, where MKL looks faster;
-for matmuls it cannot do (float32 activations with int8 weights, on CPUs without AVX-512 for int4)
-the step is compiled again with torch's own kernels as well.
+for matmuls it cannot do (int4 weights on CPUs without AVX-512, for one) the step is compiled again
+with torch's own kernels as well.
 
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not

@@ -38,7 +38,7 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
 
 
 def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
-    """Where inductor's C++ GEMM template cannot do an int8 matmul (e.g. float32 activations on AVX2), torch's kernel serves."""
+    """Where inductor's C++ GEMM template cannot do a quantized matmul (int4 without AVX-512, for one), torch's kernel serves."""
     import torch._inductor.config as inductor_config
     import torch._inductor.quantized_lowerings as quantized_lowerings
     from llama.compiled import CompiledDecodeStep
