@@ -37,6 +37,25 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tokenizer_path):
+    """After setup_cache() replaces every layer's KV cache, the compiled step reads and writes the new
+    one (dynamo's guards on the buffers; dropping them would keep the frozen step on the old cache)."""
+    from llama.compiled import CompiledDecodeStep
+
+    model = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu").model
+    step = CompiledDecodeStep(model)
+    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([8, 8])
+    for prompt in ([[1, 2, 3, 4, 5, 6, 7, 8]] * 2, [[1, 30, 31, 32, 33, 34, 35, 36]] * 2):
+        model.setup_cache()  # new, zeroed cache tensors: the second time, after the step has compiled
+        model.forward(torch.tensor(prompt), 0)
+        old_cache = model.layers[0].attention.cache.k
+        got = step(tokens, positions)
+        assert old_cache[:, :, 8].abs().sum() > 0  # the step wrote position 8 into the current cache
+        model.setup_cache()
+        model.forward(torch.tensor(prompt), 0)
+        torch.testing.assert_close(got, model.decode_step(tokens, positions), atol=1e-4, rtol=1e-4)
+
+
 def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
     """Where inductor's C++ GEMM template cannot do a quantized matmul (int4 without AVX-512, for one), torch's kernel serves."""
     import torch._inductor.config as inductor_config
