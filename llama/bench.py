@@ -206,22 +206,35 @@ def _proc_status_kb(field: str) -> Optional[int]:
 
 
 class PeakMemory:
-    """The peak memory a stretch of work takes above what was in use when it started.
+    """The peak memory of a stretch of work, above what was in use when the object was made.
 
     CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the resident set's high-water mark (VmHWM),
-    reset at the start through /proc/self/clear_refs where the kernel allows it, less the resident
-    set at the start; elsewhere getrusage's maximum RSS, which cannot be reset. Memory freed by
-    earlier work is given back to the system first (glibc's malloc_trim), or reusing it would not count.
+    reset through /proc/self/clear_refs where the kernel allows it, less the resident set at the
+    start; elsewhere getrusage's maximum RSS, which cannot be reset. Memory freed by earlier work is
+    given back to the system first (glibc's malloc_trim), or reusing it would not count.
+    restart() forgets the peaks so far (not what is still in use): work between the start and
+    restart(), once freed, does not count.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.start = torch.cuda.memory_allocated(device)
             self.method = "torch.cuda.max_memory_allocated"
-            return
-        self.method = "getrusage ru_maxrss"
+            self.start = torch.cuda.memory_allocated(device)
+        else:
+            self.method = "VmHWM" if self._reset_hwm() else "getrusage ru_maxrss"
+            rss = _proc_status_kb("VmRSS")
+            self.start = rss * 1024 if rss is not None else self._rusage()
+        self.restart()
+
+    def restart(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._reset_hwm()
+
+    @staticmethod
+    def _reset_hwm() -> bool:
         gc.collect()
         try:
             ctypes.CDLL(None).malloc_trim(0)
@@ -230,11 +243,9 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            self.method = "VmHWM"
+            return True
         except OSError:
-            pass
-        rss = _proc_status_kb("VmRSS")
-        self.start = rss * 1024 if rss is not None else self._rusage()
+            return False
 
     @staticmethod
     def _rusage() -> int:
@@ -467,7 +478,9 @@ def run(
         "eos": "disabled (eos_id=-1): every row generates exactly gen_len tokens",
         "ours": {},
     }
-    # Untimed runs first, which also give the peak memory of our generation alone.
+    # Untimed runs first, which also give the peak memory of our generation alone: the model and
+    # its cache stay counted, the accuracy measurements before are not.
+    memory.restart()
     for b in batches:
         for _ in range(max(warmup, 1)):
             ours(prompts[:b], gen_len)

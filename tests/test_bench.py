@@ -126,6 +126,20 @@ def test_under_torchrun(tmp_path):
     assert proc.stdout.count("llama.bench: shape tiny") == 1  # rank 0 prints
 
 
+def test_peak_memory_restart_forgets_earlier_peaks():
+    memory = bench.PeakMemory(torch.device("cpu"))
+    if memory.method != "VmHWM":
+        pytest.skip("the resident set's high-water mark cannot be reset here (/proc/self/clear_refs)")
+    mib = 2**20
+    big = torch.ones(256 * mib // 4)  # 256 MiB, written, so resident
+    del big
+    assert memory.peak() >= 200 * mib
+    memory.restart()
+    kept = torch.ones(64 * mib // 4)  # what is still in use counts, the 256 MiB peak no longer does
+    assert 48 * mib <= memory.peak() < 200 * mib
+    del kept
+
+
 def test_random_model_dtype_and_bytes():
     model = bench.build_random_model("tiny", torch.device("cpu"), torch.bfloat16, max_seq_len=16, max_batch_size=2)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
