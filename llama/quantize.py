@@ -32,7 +32,9 @@ identically on any number of ranks.
 ``save_quantized`` writes a quantized model as a directory that ``Llama.build`` loads without
 re-quantizing: params.json, quantization.json and one quantized.NN.pt per model-parallel rank
 (plain tensors, loaded with ``weights_only=True``). Such a directory loads only on as many ranks
-as it has shards: resharding quantized weights is not supported.
+as it has shards: resharding quantized weights is not supported. Scales are saved in the dtype they
+were made in and cast to matmul_dtype on loading: a directory saved on CUDA in float16 and loaded on
+CPU has its scales rounded to bfloat16, up to 1/256 of each scale off.
 """
 
 import json
