@@ -109,9 +109,22 @@ def _weight_bytes(model: Transformer) -> int:
     return sum(_bytes(t) for t in model.state_dict().values())
 
 
-def _first_match_share(tokens: List[List[int]], reference: List[List[int]], n: int) -> float:
-    """The share of rows whose first n tokens equal the reference's."""
-    return sum(t[:n] == r[:n] for t, r in zip(tokens, reference)) / len(reference)
+def _tokens_equal_share(tokens: List[List[int]], reference: List[List[int]]) -> float:
+    """The share of all generated tokens equal to the reference's at the same place."""
+    return sum(x == y for t, r in zip(tokens, reference) for x, y in zip(t, r)) / sum(len(r) for r in reference)
+
+
+def _agreement(tokens: List[List[int]], reference: List[List[int]], n: int) -> Dict[str, float]:
+    """Greedy agreement of rows of tokens with the reference's: the share of rows equal on their first
+    n tokens, the share of all tokens equal, and how many tokens come before a row's first difference."""
+    first_difference = [next((i for i, (x, y) in enumerate(zip(t, r)) if x != y), len(r)) for t, r in zip(tokens, reference)]
+    return {
+        "prompts": len(reference),
+        "first_n": n,
+        "rows_first_n_equal": sum(d >= n for d in first_difference) / len(reference),
+        "tokens_equal": _tokens_equal_share(tokens, reference),
+        "mean_tokens_before_first_difference": sum(first_difference) / len(reference),
+    }
 
 
 def quantization_error(reference_logits: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
@@ -218,23 +231,20 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
+        can_reset = self.restart()
         if device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated"
             self.start = torch.cuda.memory_allocated(device)
         else:
-            self.method = "VmHWM" if self._reset_hwm() else "getrusage ru_maxrss"
+            self.method = "VmHWM" if can_reset else "getrusage ru_maxrss"
             rss = _proc_status_kb("VmRSS")
             self.start = rss * 1024 if rss is not None else self._rusage()
-        self.restart()
 
-    def restart(self) -> None:
+    def restart(self) -> bool:
+        """Forget the peaks so far; False where they cannot be forgotten (getrusage)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._reset_hwm()
-
-    @staticmethod
-    def _reset_hwm() -> bool:
+            return True
         gc.collect()
         try:
             ctypes.CDLL(None).malloc_trim(0)
@@ -393,9 +403,10 @@ def run(
     agreement_prompts: Optional[int] = None,
 ) -> dict:
     """Run the benchmark and return its results (see main for the arguments)."""
+    n_agree = batch if agreement_prompts is None else agreement_prompts
     for name, value, low in (("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2), ("batch", batch, 1),
                              ("warmup", warmup, 0), ("repeats", repeats, 1),
-                             ("agreement_prompts", batch if agreement_prompts is None else agreement_prompts, 1)):
+                             ("agreement_prompts", n_agree, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if max_seq_len is None:
@@ -417,7 +428,6 @@ def run(
     bandwidth_start = sum(_reduce([copy_bandwidth(device)], device, dist.ReduceOp.SUM))
     memory = PeakMemory(device)
     batches = sorted({1, batch})
-    n_agree = batch if agreement_prompts is None else agreement_prompts
     # Built in the baseline dtype, which transformers and the reference tokens use; then cast and quantized.
     model = build_random_model(shape, device, baseline_dtype, max_seq_len, max(batches), seed)
     n_params = int(sum(_reduce([sum(p.numel() for p in model.parameters())], device, dist.ReduceOp.SUM)))
@@ -434,11 +444,15 @@ def run(
         agree_prompts = prompts[:n_agree]
         baseline = {"tokens": Llama(model, tokenizer).generate(agree_prompts, max_gen_len=gen_len, temperature=0.0)[0]}
         chunks = [torch.tensor(agree_prompts[i:i + batch], device=device) for i in range(0, n_agree, batch)]
-        reference_logits = torch.cat([model.forward(ids, 0).float() for ids in chunks])
+
+        def prompt_logits() -> torch.Tensor:
+            return torch.cat([model.forward(ids, 0).float() for ids in chunks])
+
+        reference_logits = prompt_logits()
         model.to(dtype)
         if scheme is not None:
             quantization.quantize_model(model, scheme)
-        baseline["logit_error"] = quantization_error(reference_logits, torch.cat([model.forward(ids, 0).float() for ids in chunks]))
+        baseline["logit_error"] = quantization_error(reference_logits, prompt_logits())
         del reference_logits
     generator = Llama(model, tokenizer, **({"compile": True} if compile else {}))
 
@@ -510,20 +524,10 @@ def run(
             ok = ref["decode_tok_s"] and theirs["decode_tok_s"]
             results["speedup_decode"][str(b)] = ref["decode_tok_s"] / theirs["decode_tok_s"] if ok else None
             results["speedup_e2e"][str(b)] = ref["e2e_tok_s"] / theirs["e2e_tok_s"]
-            same = sum(x == y for r, h in zip(tokens, hf_tokens) for x, y in zip(r, h))
-            results["hf_tokens_match"][str(b)] = same / (b * gen_len)
+            results["hf_tokens_match"][str(b)] = _tokens_equal_share(tokens, hf_tokens)
     if baseline is not None:
         # The generator as timed (compiled, quantized...) on the agreement prompts, untimed.
-        tokens, n = ours(prompts[:n_agree], gen_len), min(16, gen_len)
-        first_difference = [next((i for i, (x, y) in enumerate(zip(t, r)) if x != y), gen_len)
-                            for t, r in zip(tokens, baseline["tokens"])]
-        results["baseline_agreement"] = {
-            "prompts": n_agree,
-            "first_n": n,
-            "rows_first_n_equal": _first_match_share(tokens, baseline["tokens"], n),
-            "tokens_equal": sum(x == y for r, h in zip(tokens, baseline["tokens"]) for x, y in zip(r, h)) / (n_agree * gen_len),
-            "mean_tokens_before_first_difference": sum(first_difference) / n_agree,
-        }
+        results["baseline_agreement"] = _agreement(ours(prompts[:n_agree], gen_len), baseline["tokens"], min(16, gen_len))
         results["logit_error"] = baseline["logit_error"]
     # Measured again at the end: on some machines a copy's speed changes from one measurement to the
     # next (on a 2-core VM here, 47 or 83 GB/s), so the better of the two stands for the device's.
