@@ -97,6 +97,7 @@ def build_random_model(shape: str, device: torch.device, dtype: torch.dtype, max
                 in_features = getattr(module, "in_features", weight.shape[1])
                 scale = 4.0 if name == "output" else 1.0
                 weight.normal_(0.0, scale * in_features ** -0.5, generator=g)
+    model.setup_cache()
     return model.eval()
 
 

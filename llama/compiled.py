@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class CompiledDecodeStep:
-    """Call as model.decode_step(tokens, positions, kv_len); the first call compiles (seconds to a minute).
+    """Call as step(tokens (bsz, 1), positions (bsz, 1), kv_len) for model.forward(tokens, positions,
+    kv_len=...)[:, -1]: row i in cache slot i. The first call compiles (seconds to a minute).
 
     The step attends to the cache up to kv_len rounded up to a multiple of kv_bucket, not to the whole
     cache: a short generation in a model built for long contexts reads only the keys it needs. The
@@ -50,7 +51,7 @@ class CompiledDecodeStep:
         # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
         # flash kernel's per-call cost at these sizes (about 10% of a 134M step at batch 8).
         with sdpa_kernel(SDPBackend.MATH) if self.device.type == "cpu" else nullcontext():
-            return self.model.decode_step(tokens, positions, key_slots.shape[0])
+            return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
         # Generation never needs all max_len positions: the token at the last one is generated, never fed
@@ -82,10 +83,13 @@ class CompiledDecodeStep:
         """kv_len: attend to at least the first kv_len cache positions (default: all); above every position."""
         key_slots = self._key_slots_for(self.model.params.max_seq_len if kv_len is None else kv_len)
         bsz = tokens.shape[0]
-        slots = self.model.params.max_batch_size
+        slots = self.model.cache_shape[0]
         if slots >= 2:
-            if bsz == 1:  # row 1 runs in batch slot 1, unused by a batch of one; its logits are dropped
-                tokens, positions = tokens.expand(2, 1).contiguous(), positions.expand(2).contiguous()
+            if bsz == 1:
+                # Row 1 runs in slot 1 at the last cache position, which no sequence reads before writing it;
+                # its logits are dropped.
+                tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+                positions = torch.cat([positions, torch.full_like(positions, self.model.params.max_seq_len - 1)])
             if slots > 2:
                 torch._dynamo.maybe_mark_dynamic(tokens, 0)
                 torch._dynamo.maybe_mark_dynamic(positions, 0)

@@ -7,7 +7,7 @@ keys and shapes per rank, so one checkpoint shard loads into either.
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +130,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer: (batch slots, kv heads, positions, head_dim).
 
-    Rows are batch slots, so a sequence can be written to and read from its own slot.
+    Each sequence lives in a slot (a row) of its own, so sequences at different points share one cache.
     """
 
     def __init__(self, max_batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
@@ -139,23 +139,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (bsz, kv heads, seqlen, head_dim) at start_pos; return all keys and values so far."""
-        bsz, _, seqlen, _ = k.shape
-        end = start_pos + seqlen
-        self.k[:bsz, :, start_pos:end] = k
-        self.v[:bsz, :, start_pos:end] = v
-        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+    def write(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (bsz, seqlen, kv heads, head_dim): token (i, j) at slot slots[i], position positions[i, j]."""
+        rows = slots[:, None]
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
 
-    def write_rows(
-        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new position per row (row i at positions[i]) from k, v (bsz, kv heads, 1, head_dim);
-        return the keys and values of those rows at positions 0..kv_len-1. Shapes do not depend on the positions."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, positions] = k[:, :, 0]
-        self.v[rows, :, positions] = v[:, :, 0]
-        return self.k[: k.shape[0], :, :kv_len], self.v[: v.shape[0], :, :kv_len]
+    def read(self, slots: Optional[torch.Tensor], bsz: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at positions 0..kv_len-1 of the given slots (None: slots 0..bsz-1, read in place)."""
+        if slots is None:
+            return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
+        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -173,23 +167,17 @@ class Attention(nn.Module):
         self.wo = _row_linear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
-    def forward(
-        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], rope: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """start_pos: where x's first position goes in the cache, or one position per row (decode steps)."""
+    def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if isinstance(start_pos, torch.Tensor):  # a position per row; the mask spans the keys to attend
-            k, v = self.cache.write_rows(start_pos, k, v, mask.shape[-1])
-        elif self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-        # Without a mask, several queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
+        q, k = apply_rope(q, at.rope), apply_rope(k, at.rope)
+        self.cache.write(at.write_slots, at.positions, k, v)
+        keys, values = self.cache.read(at.slots, bsz, at.kv_len)
+        # Without a mask, the queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+            q.transpose(1, 2), keys, values, attn_mask=at.mask, is_causal=at.mask is None and seqlen > 1,
             enable_gqa=self.n_local_kv_heads != self.n_local_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -215,16 +203,14 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], rope: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+    def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """Llama 2. forward(tokens, start_pos) runs tokens (bsz, seqlen) at positions start_pos.. and
-    returns float32 logits (bsz, seqlen, vocab), reading and extending the KV cache."""
+    """Llama 2. One forward path: tokens with their positions (a prompt chunk or a decode step alike)
+    and the KV-cache slot of each row; setup_cache() allocates the cache once."""
 
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -251,7 +237,8 @@ class Transformer(nn.Module):
         self.rope = rope_table(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
-        """(Re)allocate the KV cache on the weights' device and dtype."""
+        """Allocate the KV cache (max_batch_size slots of max_seq_len positions, by default the params')
+        on the weights' device and dtype. Llama does this once; forward never allocates."""
         weight = self.tok_embeddings.weight
         batch = max_batch_size or self.params.max_batch_size
         seq = max_seq_len or self.params.max_seq_len
@@ -259,65 +246,81 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(batch, attn.n_local_kv_heads, seq, attn.head_dim, weight.dtype, weight.device)
 
-    def _cache_fits(self, bsz: int, end: int) -> bool:
+    @property
+    def cache_shape(self) -> Optional[Tuple[int, int]]:
+        """(slots, positions) of the KV cache, or None before setup_cache()."""
         cache = self.layers[0].attention.cache if self.layers else None
-        weight = self.tok_embeddings.weight
-        return (
-            cache is not None
-            and cache.k.device == weight.device
-            and cache.k.dtype == weight.dtype
-            and bsz <= cache.k.shape[0]
-            and end <= cache.k.shape[2]
-        )
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """last_only=True returns the last position's logits only (bsz, 1, vocab), skipping the output
-        layer for the others: the next token needs nothing else."""
-        bsz, seqlen = tokens.shape
-        end = start_pos + seqlen
-        if end > self.params.max_seq_len or bsz > self.params.max_batch_size:
-            raise ValueError(
-                f"positions up to {end} at batch {bsz} exceed the model's max_seq_len={self.params.max_seq_len} "
-                f"or max_batch_size={self.params.max_batch_size}"
-            )
-        if not self._cache_fits(bsz, end):
-            self.setup_cache()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor] = 0,
+        slots: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Float32 logits (bsz, seqlen, vocab) of tokens (bsz, seqlen), writing their keys and values to the cache.
+
+        start_pos: the position of every row's first token (Meta's call: a prompt chunk), or a tensor
+        (bsz, seqlen) with each token's own position (a decode step: rows at different points).
+        slots (bsz,): the cache slot of each row; None puts row i in slot i. Queries attend to the
+        first kv_len positions of their slot (default: up to the last token, or the whole cache for
+        tensor positions) under a causal mask by position; shapes never depend on the positions'
+        values, so one compiled graph serves every decode step. last_only=True returns the last
+        position's logits only (bsz, 1, vocab), skipping the output layer for the others.
+        """
+        at = self._positions(tokens, start_pos, slots, kv_len)
         h = self.tok_embeddings(tokens)
-        if self.rope.device != h.device:
-            self.rope = self.rope.to(h.device)
-        rope = self.rope[start_pos:end]
-        mask = None  # one query sees the whole cache; a prompt from position 0 is plain causal attention
-        if seqlen > 1 and start_pos > 0:
-            # Query i sits at position start_pos + i and sees every cached key up to it.
-            mask = torch.ones(seqlen, end, dtype=torch.bool, device=h.device).tril(diagonal=start_pos)
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+            h = layer(h, at)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
-    @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
-        """One new token per row, row i at its own position positions[i]: tokens (bsz, 1), positions (bsz,).
-
-        Returns float32 logits (bsz, vocab). Attention spans the first kv_len positions of the cache
-        (all of it by default; every position must be below kv_len) under a mask, so shapes do not
-        depend on the positions (torch.compile and CUDA graphs capture one step for all), and each row
-        is a batch slot at its own point in its sequence.
-        """
-        if not self._cache_fits(tokens.shape[0], self.params.max_seq_len):
-            self.setup_cache()
-        cache_len = self.layers[0].attention.cache.k.shape[2]
-        if kv_len is None:
-            kv_len = cache_len
-        elif not 1 <= kv_len <= cache_len:
+    def _positions(self, tokens: torch.Tensor, start_pos, slots, kv_len) -> "Positions":
+        if self.cache_shape is None:
+            raise ValueError("the model has no KV cache: call model.setup_cache() once before forward")
+        n_slots, cache_len = self.cache_shape
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        if self.rope.device != device:
+            self.rope = self.rope.to(device)
+        mask = None
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.reshape(bsz, seqlen)
+            kv_len = cache_len if kv_len is None else kv_len
+            # Every query sees the keys at its own position and before.
+            mask = (torch.arange(kv_len, device=device) <= positions[..., None])[:, None]
+            rope = self.rope[positions]
+        else:
+            end = start_pos + seqlen
+            if end > cache_len:
+                raise ValueError(
+                    f"positions up to {end} exceed the KV cache's {cache_len} (max_seq_len={self.params.max_seq_len}); "
+                    f"build with a larger max_seq_len"
+                )
+            positions = torch.arange(start_pos, end, device=device).expand(bsz, seqlen)
+            kv_len = end if kv_len is None else kv_len
+            if seqlen > 1 and (start_pos > 0 or kv_len != end):  # else: one query sees all, or plain causal
+                mask = torch.ones(seqlen, kv_len, dtype=torch.bool, device=device).tril(diagonal=start_pos)
+            rope = self.rope[start_pos:end]
+        if not 1 <= kv_len <= cache_len:
             raise ValueError(f"kv_len={kv_len} must be between 1 and the cache's length {cache_len}")
-        h = self.tok_embeddings(tokens)
-        if self.rope.device != h.device:
-            self.rope = self.rope.to(h.device)
-        rope = self.rope[positions][:, None]
-        mask = (torch.arange(kv_len, device=h.device)[None, :] <= positions[:, None])[:, None, None, :]
-        for layer in self.layers:
-            h = layer(h, positions, rope, mask)
-        return self.output(self.norm(h))[:, -1].float()
+        if slots is None and bsz > n_slots:
+            raise ValueError(f"a batch of {bsz} rows exceeds the KV cache's {n_slots} slots (max_batch_size)")
+        write_slots = torch.arange(bsz, device=device) if slots is None else slots
+        return Positions(positions, write_slots, slots, kv_len, rope, mask)
+
+
+@dataclass
+class Positions:
+    """Where one forward call's tokens sit: computed once, used by every layer."""
+
+    positions: torch.Tensor  # (bsz, seqlen)
+    write_slots: torch.Tensor  # (bsz,): the cache slot of each row
+    slots: Optional[torch.Tensor]  # None: rows are slots 0..bsz-1, read in place
+    kv_len: int  # cache positions attended
+    rope: torch.Tensor  # rotary angles: (seqlen, head_dim/2, 2) or (bsz, seqlen, head_dim/2, 2)
+    mask: Optional[torch.Tensor]  # True where a query may attend; None: causal or all

@@ -62,10 +62,10 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, p, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sample from the smallest set of most likely tokens whose probability mass reaches p.
 
-    probs: (bsz, vocab). Returns token ids (bsz, 1).
+    probs: (bsz, vocab); p: a number, or a tensor (bsz, 1) with one per row. Returns token ids (bsz, 1).
     """
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
@@ -76,29 +76,52 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: where seen (bsz, vocab) is True, divide positive logits by penalty and multiply negative ones."""
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
+    """CTRL's penalty: where seen (bsz, vocab) is True, divide positive logits by penalty and multiply
+    negative ones. penalty: a number, or a tensor (bsz, 1) with one per row."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
-def next_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """The next token (bsz,) from last-position logits (bsz, vocab).
+def _column(values: Sequence, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
 
-    seen (bsz, vocab) marks the tokens already in each sequence, for the repetition penalty.
+
+def next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[Optional[torch.Generator]],
+    seen: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The next token (bsz,) of each row of last-position logits (bsz, vocab), each row with its own settings.
+
+    Row i samples with params[i] and draws from generators[i]; rows whose generator is None draw
+    together, in row order, from torch's global generator (as Meta's reference does for a batch).
+    seen (bsz, vocab) marks the tokens already in each sequence, for rows with a repetition penalty.
     """
-    if params.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return torch.argmax(logits, dim=-1)
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return sample_top_p(probs, params.top_p, generator).reshape(-1)
+    penalties = [p.repetition_penalty for p in params]
+    if any(x != 1.0 for x in penalties):
+        logits = apply_repetition_penalty(logits, seen, _column(penalties, logits))
+    chosen = torch.argmax(logits, dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return chosen
+    rows = [params[i] for i in sampled]
+    scaled = logits[sampled] / _column([p.temperature for p in rows], logits)
+    top_k = [p.top_k if p.top_k is not None and p.top_k < logits.shape[-1] else 0 for p in rows]
+    if any(top_k):
+        kth = torch.topk(scaled, max(top_k), dim=-1).values  # (rows, max k), descending
+        cut = kth.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=logits.device)[:, None])
+        cut = torch.where(_column(top_k, scaled) > 0, cut, torch.full_like(cut, float("-inf")))
+        scaled = scaled.masked_fill(scaled < cut, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    top_p = _column([p.top_p for p in rows], probs)
+    shared = [j for j, i in enumerate(sampled) if generators[i] is None]
+    draws = {}
+    if shared:
+        draws.update(zip(shared, sample_top_p(probs[shared], top_p[shared]).reshape(-1)))
+    for j, i in enumerate(sampled):
+        if generators[i] is not None:
+            draws[j] = sample_top_p(probs[j : j + 1], top_p[j : j + 1], generators[i]).reshape(())
+    picks = torch.stack([draws[j] for j in range(len(sampled))])
+    return chosen.index_put((torch.tensor(sampled, device=logits.device),), picks)

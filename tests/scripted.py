@@ -1,28 +1,59 @@
-"""A stand-in for Transformer whose greedy continuation is a fixed script, for exact generation tests."""
+"""A stand-in for Transformer whose greedy continuation is a fixed script, for exact generation and engine tests."""
+
+from typing import Callable, List, Sequence, Union
 
 import torch
 
 from llama import Llama, ModelArgs
 
+Script = Union[Sequence[Sequence[int]], Callable[[List[int]], int]]
+
 
 class ScriptedModel(torch.nn.Module):
-    """The logits make script[row][position] the argmax at each position (vocab_size entries)."""
+    """At each position the argmax of the logits is the script's next token.
 
-    def __init__(self, params: ModelArgs, vocab_size: int, script):
+    script: a list per cache slot (script[slot][p] is the token generated at position p), or a
+    function of the whole sequence so far (its tokens as stored in this model's own token "cache",
+    so a token fed at the wrong position or slot changes what follows). Every forward call is
+    recorded in calls as (rows, tokens per row).
+    """
+
+    def __init__(self, params: ModelArgs, vocab_size: int, script: Script):
         super().__init__()
         self.params, self.vocab_size, self.script = params, vocab_size, script
         self.tok_embeddings = torch.nn.Embedding(1, 1)
+        self.cache_shape = None
+        self.calls = []
 
-    def forward(self, tokens, start_pos, last_only=False):
+    def setup_cache(self):
+        self.cache_shape = (self.params.max_batch_size, self.params.max_seq_len)
+        self.tokens = torch.full(self.cache_shape, -1, dtype=torch.long)
+
+    def _next(self, slot: int, position: int) -> int:
+        if callable(self.script):
+            return self.script(self.tokens[slot, : position + 1].tolist())
+        row = self.script[slot]
+        return row[position + 1] if position + 1 < len(row) else 0  # past the script: a stand-in row
+
+    def forward(self, tokens, start_pos=0, slots=None, kv_len=None, last_only=False):
         bsz, seqlen = tokens.shape
+        self.calls.append((bsz, seqlen))
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.reshape(bsz, seqlen)
+        else:
+            positions = torch.arange(start_pos, start_pos + seqlen).expand(bsz, seqlen)
+        slots = torch.arange(bsz) if slots is None else slots
         logits = torch.zeros(bsz, seqlen, self.vocab_size)
         for row in range(bsz):
+            slot = int(slots[row])
+            self.tokens[slot, positions[row]] = tokens[row]
             for i in range(seqlen):
-                logits[row, i, self.script[row][start_pos + i + 1]] = 10.0
+                logits[row, i, self._next(slot, int(positions[row, i]))] = 10.0
         return logits[:, -1:] if last_only else logits
 
 
-def scripted_llama(tokenizer, script, max_seq_len: int = 64) -> Llama:
-    """A Llama that, at temperature 0, generates script[row][p] at position p."""
-    params = ModelArgs(vocab_size=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=len(script))
-    return Llama(ScriptedModel(params, tokenizer.n_words, script), tokenizer)
+def scripted_llama(tokenizer, script: Script, max_seq_len: int = 64, max_batch_size: int = None, **engine) -> Llama:
+    """A Llama that, at temperature 0, generates what script says (see ScriptedModel)."""
+    slots = max_batch_size or len(script)
+    params = ModelArgs(vocab_size=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=slots)
+    return Llama(ScriptedModel(params, tokenizer.n_words, script), tokenizer, **engine)

@@ -44,7 +44,7 @@ def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tok
 
     model = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu").model
     step = CompiledDecodeStep(model)
-    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([8, 8])
+    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[8], [8]])
     for prompt in ([[1, 2, 3, 4, 5, 6, 7, 8]] * 2, [[1, 30, 31, 32, 33, 34, 35, 36]] * 2):
         model.setup_cache()  # new, zeroed cache tensors: the second time, after the step has compiled
         model.forward(torch.tensor(prompt), 0)
@@ -53,7 +53,7 @@ def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tok
         assert old_cache[:, :, 8].abs().sum() > 0  # the step wrote position 8 into the current cache
         model.setup_cache()
         model.forward(torch.tensor(prompt), 0)
-        torch.testing.assert_close(got, model.decode_step(tokens, positions), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, model.forward(tokens, positions)[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
@@ -63,9 +63,9 @@ def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny
     from llama.compiled import CompiledDecodeStep
 
     g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize="int8")
-    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([3, 7])
+    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
     g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
-    expected = g.model.decode_step(tokens, positions)
+    expected = g.model.forward(tokens, positions)[:, -1]
 
     monkeypatch.setattr(quantized_lowerings, "use_cpp_gemm_template", lambda *args, **kwargs: False)
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # a cached graph would skip the lowering

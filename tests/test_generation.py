@@ -56,7 +56,8 @@ def test_logprobs_and_echo_are_log_softmax_of_chosen_tokens(generator, weights):
             assert math.isclose(lps[i], expected[i - 1, toks[i]].item(), abs_tol=1e-4)
     no_echo, no_echo_lps = generator.generate(prompts, max_gen_len=5, temperature=0, logprobs=True)
     for prompt, toks, lps, echoed, echoed_lps in zip(prompts, no_echo, no_echo_lps, tokens, logprobs):
-        assert toks == echoed[len(prompt):] and lps == echoed_lps[len(prompt):]
+        # The same tokens; the logprobs equal up to rounding (echo scores the prompt in one larger matmul).
+        assert toks == echoed[len(prompt):] and lps == pytest.approx(echoed_lps[len(prompt):], abs=1e-5)
 
 
 def test_scoring_only_when_prompts_fill_the_budget(generator, weights):
@@ -80,49 +81,14 @@ def test_sequences_stop_at_eos_and_output_is_cut_before_it(generator):
     eos = generator.tokenizer.eos_id
     params = type(generator.model.params)(**{**vars(generator.model.params), "max_batch_size": 2})
     script = [[0, 0, 7, 8, eos, 9, 9, 9, 9, 9, 9], [0, 0, 5, 5, 5, 5, 5, eos, 9, 9, 9]]
-    calls = []
     model = ScriptedModel(params, generator.model.vocab_size, script)
-    original = model.forward
-    model.forward = lambda t, p, **kw: calls.append(p) or original(t, p, **kw)
     scripted = Llama(model, generator.tokenizer)
     tokens, lps = scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=0, logprobs=True)
     assert tokens == [[7, 8], [5, 5, 5, 5, 5]]
     assert [len(x) for x in lps] == [2, 5]
-    assert len(calls) == 6  # the batch stops once every row has produced EOS
-
-    # Reading the tokens every 4 steps (as on CUDA): same output; the steps run past EOS are 2 here.
-    calls.clear()
-    scripted.host_sync_every = 4
-    assert scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=0, logprobs=True) == (tokens, lps)
-    assert len(calls) == 8
-
-    # Sampling (the script's token has probability 0.996): the extra steps' draws are given back.
-    def sample(interval):
-        scripted.host_sync_every = interval
-        torch.manual_seed(0)
-        return scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=1.0, top_p=1.0), torch.rand(3).tolist()
-
-    assert sample(4) == sample(1)
-
-
-@pytest.mark.parametrize("sync_every", [2, 5])
-def test_reading_tokens_every_few_steps_changes_nothing(generator, sync_every):
-    """Outputs, stop reasons and the global generator's later draws equal those of reading every step."""
-
-    def run(interval):
-        generator.host_sync_every = interval
-        try:
-            torch.manual_seed(3)
-            out = [
-                generator.generate(RAGGED, max_gen_len=9, temperature=1.0, top_p=0.9, logprobs=True, return_stats=True),
-                generator.generate(RAGGED[:2], max_gen_len=7, temperature=0.7, top_k=5, seed=11),
-                generator.generate(RAGGED[1:4], max_gen_len=6, temperature=0, repetition_penalty=1.3),
-            ]
-            return out, torch.rand(4).tolist()  # the next draws show the generator's state
-        finally:
-            generator.host_sync_every = None
-
-    assert run(sync_every) == run(1)
+    # Each prompt in one pass (its last position gives the first token), then one step per token
+    # until the last row has produced EOS: no step runs past it.
+    assert model.calls == [(1, 2), (1, 2)] + [(2, 1)] * 5
 
 
 def test_sampling_is_reproducible_with_the_build_seed(tiny_checkpoints, tiny_tokenizer_path):

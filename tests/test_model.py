@@ -11,6 +11,7 @@ VOCAB = 96
 def build(params: dict, sd: dict, **args) -> Transformer:
     model = Transformer(ModelArgs(**params, **{"max_seq_len": 32, "max_batch_size": 4, **args}))
     model.load_state_dict(sd)
+    model.setup_cache()
     return model.eval()
 
 
@@ -130,7 +131,9 @@ def test_positions_beyond_max_seq_len_are_refused(tiny):
 
 def test_direct_construction_and_dtype_cast_keep_rotary_table_float32():
     params = tiny_params(VOCAB)
-    model = Transformer(ModelArgs(**params, max_seq_len=16, max_batch_size=2)).to(torch.bfloat16)
+    model = Transformer(ModelArgs(**params, max_seq_len=16, max_batch_size=2))
+    model.setup_cache()
+    model = model.to(torch.bfloat16)
     logits = model(torch.tensor([[1, 2, 3]]), 0)
     assert logits.dtype == torch.float32 and model.rope.dtype == torch.float32
     assert model.layers[0].attention.cache.k.dtype == torch.bfloat16
@@ -143,27 +146,36 @@ def test_bad_model_args_are_refused():
         Transformer(ModelArgs(**tiny_params(VOCAB, n_kv_heads=3)))
 
 
-def test_decode_step_with_a_position_per_row_equals_full_forwards(tiny):
+def test_tokens_at_their_own_positions_and_slots_equal_full_forwards(tiny):
+    """One forward path: prompt chunks written to chosen cache slots, then one decode step whose rows
+    sit at different positions, read in place (slots None) or gathered from any slots."""
     params, sd, model = tiny
-    # Two rows at different points of their sequences, each in its own batch slot.
     seqs = [[1, 5, 9, 33, 2, 70, 11], [1, 8, 8, 40]]
-    model(torch.tensor([seqs[0][:6]]), 0)  # prefill slot 0 up to position 5
     reference = build(params, sd)
     expected = [reference(torch.tensor([s]), 0)[0, -1] for s in seqs]
-    other = build(params, sd)
-    other(torch.tensor([seqs[1][:3]]), 0)
-    # Put slot 1's prefilled cache rows next to slot 0's.
-    with torch.no_grad():
-        for a, b in zip(model.layers, other.layers):
-            a.attention.cache.k[1], a.attention.cache.v[1] = b.attention.cache.k[0], b.attention.cache.v[0]
-    step_tokens, positions = torch.tensor([[seqs[0][6]], [seqs[1][3]]]), torch.tensor([6, 3])
-    # Over the whole cache, and over only the first 7 positions (just past the furthest row): the same step.
-    for kv_len in (None, 7):
-        logits = model.decode_step(step_tokens, positions, kv_len)
-        assert logits.shape == (2, VOCAB) and logits.dtype == torch.float32
-        torch.testing.assert_close(logits[0], expected[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits[1], expected[1], atol=1e-5, rtol=1e-5)
-    cache_len = model.layers[0].attention.cache.k.shape[2]
+    for slots in ([0, 1], [3, 1]):
+        # Prefill each sequence but its last token into its slot: two chunks for the first one.
+        model(torch.tensor([seqs[0][:2]]), 0, torch.tensor([slots[0]]))
+        model(torch.tensor([seqs[0][2:6]]), 2, torch.tensor([slots[0]]))
+        model(torch.tensor([seqs[1][:3]]), 0, torch.tensor([slots[1]]))
+        step_tokens, positions = torch.tensor([[seqs[0][6]], [seqs[1][3]]]), torch.tensor([[6], [3]])
+        rows = None if slots == [0, 1] else torch.tensor(slots)
+        # Over the whole cache, and over only the first 7 positions (just past the furthest row): the same step.
+        for kv_len in (None, 7):
+            logits = model(step_tokens, positions, rows, kv_len)[:, -1]
+            assert logits.shape == (2, VOCAB) and logits.dtype == torch.float32
+            torch.testing.assert_close(logits[0], expected[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[1], expected[1], atol=1e-5, rtol=1e-5)
+    cache_len = model.cache_shape[1]
     for kv_len in (0, cache_len + 1):
         with pytest.raises(ValueError, match=f"kv_len={kv_len} must be between 1 and the cache's length {cache_len}"):
-            model.decode_step(step_tokens, positions, kv_len)
+            model(step_tokens, positions, None, kv_len)
+
+
+def test_forward_needs_a_cache_set_up_first():
+    model = Transformer(ModelArgs(**tiny_params(VOCAB), max_seq_len=16, max_batch_size=2))
+    with pytest.raises(ValueError, match="setup_cache"):
+        model(torch.tensor([[1, 2, 3]]), 0)
+    model.setup_cache()
+    with pytest.raises(ValueError, match="3 rows exceeds the KV cache's 2 slots"):
+        model(torch.tensor([[1]] * 3), 0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.sampling import SamplingParams, apply_repetition_penalty, next_token
+from llama.sampling import SamplingParams, apply_repetition_penalty, next_tokens
 from llama.tokenizer import Tokenizer
 from tests.scripted import scripted_llama
 
@@ -22,11 +22,45 @@ def test_top_k_1_is_greedy(generator):
 
 def test_top_k_samples_only_the_k_likeliest_in_proportion():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(20000, 1)
-    g = torch.Generator().manual_seed(0)
-    picks = next_token(logits, SamplingParams(temperature=1.0, top_p=1.0, top_k=2), generator=g)
+    torch.manual_seed(0)
+    picks = next_tokens(logits, [SamplingParams(temperature=1.0, top_p=1.0, top_k=2)] * len(logits), [None] * len(logits))
     freq = torch.bincount(picks, minlength=4).float() / len(picks)
     assert freq[0] == 0 and freq[1] == 0
     torch.testing.assert_close(freq[2:], torch.tensor([3 / 7, 4 / 7]), atol=0.015, rtol=0)
+
+
+def test_each_row_samples_with_its_own_settings_and_generator():
+    """A batch mixing greedy, top-k, top-p, penalised and seeded rows: each row equals that row alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    seen = torch.rand(6, 50) < 0.2
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, top_k=5, seed=1),
+        SamplingParams(temperature=1.2, top_p=0.5, seed=2),
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+        SamplingParams(temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.3, seed=3),
+        SamplingParams(temperature=0.7, top_p=1.0, seed=4),
+    ]
+
+    def generators():
+        return [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]
+
+    together = next_tokens(logits, params, generators(), seen).tolist()
+    alone = [next_tokens(logits[i : i + 1], [p], [g], seen[i : i + 1]).item() for i, (p, g) in enumerate(zip(params, generators()))]
+    assert together == alone
+    assert together[0] == logits[0].argmax().item()
+    top5 = torch.topk(logits[1] / 0.8, 5).indices.tolist()
+    assert together[1] in top5
+    # Unseeded rows draw together from the global generator, in row order, as one call for them would.
+    unseeded = [SamplingParams(temperature=1.0, top_p=0.8)] * 3
+    torch.manual_seed(5)
+    mixed = next_tokens(logits[:3], unseeded, [None] * 3).tolist()
+    torch.manual_seed(5)
+    probs = torch.softmax(logits[:3], dim=-1)
+    from llama.sampling import sample_top_p
+
+    assert mixed == sample_top_p(probs, 0.8).reshape(-1).tolist()
 
 
 def test_repetition_penalty_by_hand():
@@ -36,7 +70,7 @@ def test_repetition_penalty_by_hand():
     assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
     # Greedy flips from a seen token (3.0 -> 1.5) to an unseen one (2.0).
     greedy = SamplingParams(temperature=0, repetition_penalty=2.0)
-    assert next_token(torch.tensor([[3.0, 2.0]]), greedy, torch.tensor([[True, False]])).tolist() == [1]
+    assert next_tokens(torch.tensor([[3.0, 2.0]]), [greedy], [None], torch.tensor([[True, False]])).tolist() == [1]
 
 
 def test_strong_repetition_penalty_avoids_every_seen_token(generator):

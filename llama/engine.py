@@ -1,0 +1,424 @@
+"""Continuous batching: a per-step scheduler over the model's KV-cache slots.
+
+Requests wait in a queue, take a free cache slot as soon as one exists, have their prompts fed in
+chunks (a long prompt never stalls the running requests for more than one chunk per step), then
+decode one token per step beside every other running request, each with its own sampling settings,
+and leave the step they end, freeing their slot at once. Under model parallelism rank 0 makes every
+scheduling decision and the other ranks apply the same plan, so all ranks run the same forward calls.
+"""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama.sampling import SamplingParams, check_max_gen_len, next_tokens
+from llama.streaming import IncrementalDecoder
+from llama.tokenizer import Tokenizer
+
+POLICIES = ("continuous", "static")
+
+
+def check_prompt(prompt, vocab_size: int, max_seq_len: int, name: str = "prompt") -> List[int]:
+    """The prompt as a list of token ids, or ValueError saying what is wrong with it."""
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError(f"{name} must be a list of token ids (ints), got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{name} is empty; give at least one token (text prompts start with BOS)")
+    if len(prompt) > max_seq_len:
+        raise ValueError(
+            f"{name} has {len(prompt)} tokens, more than max_seq_len={max_seq_len}; "
+            f"shorten it or build with a larger max_seq_len"
+        )
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return list(prompt)
+
+
+def check_stop_token_ids(stop_token_ids, vocab_size: int) -> Tuple[int, ...]:
+    ids = () if stop_token_ids is None else stop_token_ids
+    if isinstance(ids, int) or not isinstance(ids, (list, tuple, set, frozenset)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids
+    ):
+        raise ValueError(f"stop_token_ids must be a list of token ids in [0, {vocab_size}), got {stop_token_ids!r}")
+    return tuple(ids)
+
+
+@dataclass
+class Completion:
+    """A finished request. tokens: generated, without the EOS or stop token, cut after the token that
+    completes the text before a stop string; text: their text, cut before the stop string."""
+
+    tokens: List[int]
+    text: str
+    logprobs: List[float]  # of each of tokens (with logprobs=True)
+    top_logprobs: List[Dict[int, float]]  # the likeliest alternatives at each of tokens (with top_logprobs)
+    prompt_logprobs: List[float]  # of each prompt token, 0.0 for the first (with prompt_logprobs=True)
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop", "length", "abort" or "error"
+
+    def stats(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": len(self.tokens), "stop_reason": self.finish_reason}
+
+
+@dataclass
+class StepOutput:
+    """What one step did for one request: the token it produced (none while its prompt is read or
+    when it ended on EOS or a stop token), the new text that can no longer change, and on the
+    step it ends, why and its Completion (error: the exception that failed it)."""
+
+    request_id: int
+    new_tokens: List[int]
+    text: str
+    finish_reason: Optional[str] = None
+    completion: Optional[Completion] = None
+    error: Optional[BaseException] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestSpec:
+    """Everything that defines a request: what rank 0 sends to the other ranks when it admits one."""
+
+    prompt: List[int]
+    sampling: SamplingParams
+    max_gen_len: int
+    stop_token_ids: Tuple[int, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Running:
+    id: int
+    spec: RequestSpec
+    limit: int  # tokens it may generate: max_gen_len, or fewer where the context ends first
+    decoder: IncrementalDecoder
+    generator: Optional[torch.Generator]
+    slot: int = -1
+    fed: int = 0  # prompt tokens already in the cache
+    generated: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: List[float] = field(default_factory=list)
+    text_end: Optional[int] = None  # with a stop string: where the text is cut
+
+    @property
+    def decoding(self) -> bool:
+        return self.fed == len(self.spec.prompt)
+
+
+@dataclass
+class _Plan:
+    """One step's decisions: aborted ids, admissions (id, slot, spec) and prompt chunks (id, tokens)."""
+
+    aborts: List[int]
+    admits: List[Tuple[int, int, RequestSpec]]
+    chunks: List[Tuple[int, int]]
+
+
+class Engine:
+    """Schedules requests over the model's KV-cache slots, one step at a time.
+
+    add_request() queues a request and returns its id; step() advances every running request by one
+    token and returns a StepOutput for each request it touched; abort(id) ends a request at the next
+    step; has_work() says whether anything is waiting or running. Not thread-safe: one caller steps.
+
+    policy "continuous" admits a waiting request whenever a slot is free; "static" only when every
+    slot is free (a batch runs until its last request ends), for comparison. prefill_chunk bounds the
+    prompt tokens fed per step, across all requests. decode: the one-token step, called as
+    decode(tokens (n, 1), positions (n, 1), kv_len) -> logits (n, vocab) (default: model.forward).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        prefill_chunk: int = 512,
+        policy: str = "continuous",
+        decode: Optional[Callable] = None,
+    ):
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if model.cache_shape is None:
+            model.setup_cache()
+        self.model, self.tokenizer = model, tokenizer
+        self.prefill_chunk, self.policy = prefill_chunk, policy
+        self._decode = decode or self._eager_decode
+        self._ids = itertools.count()
+        self._waiting: deque = deque()  # (id, spec), in arrival order
+        self._requests: Dict[int, _Running] = {}  # admitted ones, by id
+        self._slots: List[Optional[int]] = [None] * model.cache_shape[0]  # request id in each slot
+        self._aborts: List[int] = []
+        self._seen: Optional[torch.Tensor] = None  # (slots, vocab): tokens in each sequence, for repetition penalties
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def max_seq_len(self) -> int:
+        return min(self.model.params.max_seq_len, self.model.cache_shape[1])
+
+    def add_request(
+        self,
+        prompt_tokens: Sequence[int],
+        sampling: Optional[SamplingParams] = None,
+        max_gen_len: Optional[int] = None,
+        *,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
+    ) -> int:
+        """Queue a request; returns its id. Checks everything first (ValueError), so a refused request
+        changes nothing. max_gen_len None: until the context (max_seq_len) is full. logprobs: the
+        log-probability of each generated token; top_logprobs: that many likeliest alternatives at each;
+        prompt_logprobs: the log-probability of each prompt token (the whole prompt is scored)."""
+        spec = self.make_spec(prompt_tokens, sampling, max_gen_len, stop_token_ids=stop_token_ids,
+                              logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        return self.add_spec(spec)
+
+    def make_spec(self, prompt_tokens, sampling=None, max_gen_len=None, *, stop_token_ids=None, logprobs=False,
+                  top_logprobs=0, prompt_logprobs=False, name: str = "prompt") -> RequestSpec:
+        """A checked RequestSpec (ValueError naming what is wrong), without queueing it."""
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        check_max_gen_len(max_gen_len)
+        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
+        vocab = self.model.vocab_size
+        prompt = check_prompt(prompt_tokens, vocab, self.max_seq_len, name)
+        return RequestSpec(prompt, sampling, self.max_seq_len if max_gen_len is None else max_gen_len,
+                           check_stop_token_ids(stop_token_ids, vocab), bool(logprobs), top_logprobs, bool(prompt_logprobs))
+
+    def add_spec(self, spec: RequestSpec) -> int:
+        """Queue a request made by make_spec; returns its id."""
+        request_id = next(self._ids)
+        self._waiting.append((request_id, spec))
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """End a waiting or running request at the next step (its output says "abort"); an unknown or
+        finished id does nothing."""
+        if request_id in self._requests or any(i == request_id for i, _ in self._waiting):
+            self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._requests or self._aborts)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @torch.no_grad()
+    def step(self) -> List[StepOutput]:
+        """Run one step: aborts, admissions, at most prefill_chunk prompt tokens, one new token for every
+        running request. An exception in the model or the sampler fails the requests of this step
+        (their outputs carry it) and leaves the engine usable."""
+        plan = self._share(self._plan())
+        outputs = [self._finish(self._requests[i], "abort") if i in self._requests else self._drop_waiting(i)
+                   for i in plan.aborts]
+        outputs = [o for o in outputs if o is not None]
+        for request_id, slot, spec in plan.admits:
+            self._admit(request_id, slot, spec)
+        decoding = [r for r in self._requests.values() if r.decoding and r.generated]
+        chunked = [self._requests[i] for i, _ in plan.chunks]
+        try:
+            rows, logits = self._forward(plan.chunks, decoding)
+            tokens = self._sample(rows, logits)
+        except Exception as error:  # noqa: BLE001 (the step's requests fail with it; the engine goes on)
+            for request in dict.fromkeys(decoding + chunked):
+                outputs.append(self._finish(request, "error", error))
+            return outputs
+        for request, token, row_logits in zip(rows, tokens, logits):
+            outputs.append(self._accept(request, token, row_logits))
+        for request in chunked:
+            if request not in rows:  # still reading its prompt, or it filled the context
+                if request.decoding and request.limit == 0:
+                    outputs.append(self._finish(request, "length"))
+                else:
+                    outputs.append(StepOutput(request.id, [], ""))
+        return outputs
+
+    # Scheduling (rank 0) ---------------------------------------------------------------------------
+
+    def _plan(self) -> _Plan:
+        aborts, self._aborts = list(dict.fromkeys(self._aborts)), []
+        free = [s for s, owner in enumerate(self._slots) if owner is None or owner in aborts]
+        waiting = [(i, spec) for i, spec in self._waiting if i not in aborts]
+        admits = []
+        running = [i for i in self._requests if i not in aborts]
+        if self.policy == "continuous" or not running:
+            for (request_id, spec), slot in zip(waiting, free):
+                admits.append((request_id, slot, spec))
+        budget = self.prefill_chunk
+        chunks = []
+        prefilling = [self._requests[i] for i in running if not self._requests[i].decoding]
+        for request_id, need in [(r.id, len(r.spec.prompt) - r.fed) for r in prefilling] + \
+                [(i, len(spec.prompt)) for i, _, spec in admits]:
+            if budget == 0:
+                break
+            chunks.append((request_id, min(need, budget)))
+            budget -= chunks[-1][1]
+        return _Plan(aborts, admits, chunks)
+
+    def _share(self, plan: _Plan) -> _Plan:
+        """Under model parallelism every rank takes rank 0's plan."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return plan
+        box = [plan if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        plan = box[0]
+        # Requests rank 0 admitted are queued here too (the same program ran on every rank) or come from the plan.
+        admitted = {i for i, _, _ in plan.admits} | set(plan.aborts)
+        self._waiting = deque((i, s) for i, s in self._waiting if i not in admitted)
+        self._aborts = []
+        return plan
+
+    def _drop_waiting(self, request_id: int) -> Optional[StepOutput]:
+        for i, spec in list(self._waiting):
+            if i == request_id:
+                self._waiting.remove((i, spec))
+                completion = Completion([], "", [], [], [], len(spec.prompt), "abort")
+                return StepOutput(request_id, [], "", "abort", completion)
+        return None
+
+    def _admit(self, request_id: int, slot: int, spec: RequestSpec) -> None:
+        self._waiting = deque((i, s) for i, s in self._waiting if i != request_id)
+        generator = None
+        if spec.sampling.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(spec.sampling.seed)
+        limit = min(spec.max_gen_len, self.max_seq_len - len(spec.prompt))
+        decoder = IncrementalDecoder(self.tokenizer.decode, spec.sampling.stop)
+        request = _Running(request_id, spec, limit, decoder, generator, slot)
+        self._requests[request_id] = request
+        self._slots[slot] = request_id
+        if spec.sampling.repetition_penalty != 1.0:
+            if self._seen is None:
+                self._seen = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.bool, device=self.device)
+            self._seen[slot] = False
+            self._seen[slot, torch.tensor(spec.prompt, device=self.device)] = True
+
+    # The model ---------------------------------------------------------------------------------------
+
+    def _forward(self, chunks: List[Tuple[int, int]], decoding: List[_Running]) -> Tuple[List[_Running], torch.Tensor]:
+        """Feed this step's prompt chunks and one token of each decoding request. Returns the requests
+        that get a new token and their last-position logits (rows, vocab)."""
+        rows, logits = [], []
+        for request_id, n in chunks:
+            request = self._requests[request_id]
+            start = request.fed
+            tokens = torch.tensor([request.spec.prompt[start : start + n]], device=self.device)
+            slot = torch.tensor([request.slot], device=self.device)
+            out = self.model.forward(tokens, start, slot, last_only=not request.spec.prompt_logprobs)[0]
+            request.fed += n
+            if request.spec.prompt_logprobs:
+                self._score_prompt(request, start, out)
+            if request.decoding and request.limit > 0:
+                rows.append(request)
+                logits.append(out[-1])
+        if decoding:
+            logits += list(self._decode_step(decoding))
+            rows += decoding
+        return rows, torch.stack(logits) if logits else torch.empty(0)
+
+    def _decode_step(self, decoding: List[_Running]) -> torch.Tensor:
+        """One token for each decoding request, in a batch over slots 0..the highest one in use. A slot
+        without a decoding request gets a stand-in row at the last cache position: written there
+        before any real token is (a sequence writes a position before it reads it), never read."""
+        n = max(r.slot for r in decoding) + 1
+        last = self.max_seq_len - 1
+        tokens, positions = [0] * n, [last] * n
+        for r in decoding:
+            tokens[r.slot] = r.generated[-1]
+            positions[r.slot] = len(r.spec.prompt) + len(r.generated) - 1
+        kv_len = max(positions[r.slot] for r in decoding) + 1
+        step_tokens = torch.tensor(tokens, device=self.device)[:, None]
+        step_positions = torch.tensor(positions, device=self.device)[:, None]
+        logits = self._decode(step_tokens, step_positions, kv_len)
+        return logits[torch.tensor([r.slot for r in decoding], device=self.device)]
+
+    def _eager_decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.model.forward(tokens, positions, kv_len=kv_len)[:, -1]
+
+    def _score_prompt(self, request: _Running, start: int, logits: torch.Tensor) -> None:
+        """Position j's logits predict prompt token j + 1."""
+        prompt = request.spec.prompt
+        if start == 0:
+            request.prompt_logprobs.append(0.0)  # nothing predicts the first token
+        targets = prompt[start + 1 : start + logits.shape[0] + 1]
+        if targets:
+            lps = -F.cross_entropy(logits[: len(targets)], torch.tensor(targets, device=logits.device), reduction="none")
+            request.prompt_logprobs += lps.tolist()
+
+    def _sample(self, rows: List[_Running], logits: torch.Tensor) -> List[int]:
+        if not rows:
+            return []
+        seen = None
+        if self._seen is not None:
+            seen = self._seen[torch.tensor([r.slot for r in rows], device=self.device)]
+        tokens = next_tokens(logits, [r.spec.sampling for r in rows], [r.generator for r in rows], seen)
+        if seen is not None:
+            self._seen[torch.tensor([r.slot for r in rows], device=self.device), tokens] = True
+        return tokens.tolist()
+
+    # Results -----------------------------------------------------------------------------------------
+
+    def _accept(self, request: _Running, token: int, logits: torch.Tensor) -> StepOutput:
+        """Add a newly sampled token to request; retire it if it ends here."""
+        if token == self.tokenizer.eos_id:
+            return self._finish(request, "eos")
+        if token in request.spec.stop_token_ids:
+            return self._finish(request, "stop")
+        request.generated.append(token)
+        spec = request.spec
+        if spec.logprobs or spec.top_logprobs:
+            lps = torch.log_softmax(logits.float(), dim=-1)
+            request.logprobs.append(lps[token].item())
+            if spec.top_logprobs:
+                top = torch.topk(lps, spec.top_logprobs)
+                request.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+        if spec.sampling.stop:
+            text = self.tokenizer.decode(request.generated)
+            found = [i for i in (text.find(s) for s in spec.sampling.stop) if i >= 0]
+            if found:
+                request.text_end = min(found)
+                # Keep only the tokens needed to spell the text before the stop string.
+                while len(request.generated) > 1 and len(self.tokenizer.decode(request.generated[:-1])) >= request.text_end:
+                    request.generated.pop()
+                return self._finish(request, "stop", new_tokens=[token])
+        if len(request.generated) == request.limit:
+            return self._finish(request, "length", new_tokens=[token])
+        return StepOutput(request.id, [token], request.decoder.step(request.generated))
+
+    def _finish(self, request: _Running, reason: str, error: Optional[BaseException] = None,
+                new_tokens: Sequence[int] = ()) -> StepOutput:
+        del self._requests[request.id]
+        self._slots[request.slot] = None
+        n = len(request.generated)
+        text = self.tokenizer.decode(request.generated)
+        if request.text_end is not None:
+            text = text[: request.text_end]
+        completion = Completion(request.generated, text, request.logprobs[:n], request.top_logprobs[:n],
+                                request.prompt_logprobs, len(request.spec.prompt), reason)
+        delta = request.decoder.emit_until(text, len(text))
+        return StepOutput(request.id, list(new_tokens), delta, reason, completion, error)
