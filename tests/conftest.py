@@ -80,3 +80,14 @@ def tiny_checkpoints(tmp_path_factory, tiny_vocab):
         for shards in (1, 2):
             out[(kv, shards)] = write_checkpoint(root / f"kv{kv}-mp{shards}", params, sd, shards)
     return out
+
+
+STORIES260K = REPO.parent / "shared" / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    """The small trained Llama in ../shared (see its README): real weights, where random ones cannot tell right from wrong."""
+    if not (STORIES260K / "consolidated.00.pth").is_file():
+        pytest.skip(f"the trained stories260K model is not at {STORIES260K} (it sits in ../shared beside this repo's CI checkout)")
+    return STORIES260K

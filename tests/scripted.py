@@ -15,7 +15,7 @@ class ScriptedModel(torch.nn.Module):
     script: a list per cache slot (script[slot][p] is the token generated at position p), or a
     function of the whole sequence so far (its tokens as stored in this model's own token "cache",
     so a token fed at the wrong position or slot changes what follows). Every forward call is
-    recorded in calls as (rows, tokens per row).
+    recorded in calls as (rows, tokens per row), and each prompt chunk's length in prefills.
     """
 
     def __init__(self, params: ModelArgs, vocab_size: int, script: Script):
@@ -23,7 +23,7 @@ class ScriptedModel(torch.nn.Module):
         self.params, self.vocab_size, self.script = params, vocab_size, script
         self.tok_embeddings = torch.nn.Embedding(1, 1)
         self.cache_shape = None
-        self.calls = []
+        self.calls, self.prefills = [], []
 
     def setup_cache(self):
         self.cache_shape = (self.params.max_batch_size, self.params.max_seq_len)
@@ -41,6 +41,7 @@ class ScriptedModel(torch.nn.Module):
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos.reshape(bsz, seqlen)
         else:
+            self.prefills.append(seqlen)
             positions = torch.arange(start_pos, start_pos + seqlen).expand(bsz, seqlen)
         slots = torch.arange(bsz) if slots is None else slots
         logits = torch.zeros(bsz, seqlen, self.vocab_size)

@@ -1,0 +1,282 @@
+"""The continuous-batching engine: scheduling with a scripted model, exactness and seeds on real models."""
+
+import threading
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.engine import Engine
+from llama.sampling import SamplingParams
+from llama.tokenizer import Tokenizer
+from tests.conftest import REPO, check_exit, launch
+from tests.scripted import scripted_llama
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_path):
+    return Tokenizer(str(tiny_tokenizer_path))
+
+
+def counting(sequence):
+    """A script that continues every sequence with (its last token + 1), cycling in 10..59: what comes
+    next depends on what the model was fed, at which position, in which slot."""
+    return 10 + (sequence[-1] - 9) % 50
+
+
+def counted(last: int, n: int):
+    """The n tokens counting() generates after last."""
+    out = []
+    for _ in range(n):
+        last = counting([last])
+        out.append(last)
+    return out
+
+
+def run(engine: Engine):
+    """Step until nothing is left; returns the list of each step's outputs."""
+    steps = []
+    while engine.has_work():
+        steps.append(engine.step())
+    return steps
+
+
+def finished(steps):
+    return {o.request_id: o for step in steps for o in step if o.finished}
+
+
+def test_a_finished_request_frees_its_slot_for_the_next_in_the_same_step(tokenizer):
+    llama = scripted_llama(tokenizer, counting, max_batch_size=2)
+    engine, model = llama.engine, llama.model
+    lengths = [3, 8, 4]
+    ids = [engine.add_request([1, 20 + i], GREEDY, n) for i, n in enumerate(lengths)]
+    steps = run(engine)
+    done = finished(steps)
+    for i, n in zip(ids, lengths):
+        start = 20 + ids.index(i)
+        assert done[i].completion.tokens == counted(start, n)
+        assert done[i].finish_reason == "length"
+    # Request 0 ends at step 3 (one token per step); request 2 is admitted at step 4 into its slot.
+    end_step = {o.request_id: s for s, step in enumerate(steps) for o in step if o.finished}
+    assert end_step[ids[0]] == 2
+    admitted = next(s for s, step in enumerate(steps) if any(o.request_id == ids[2] for o in step))
+    assert admitted == 3
+    # Never more than two sequences at once: two prompts, then batches of two rows.
+    assert all(rows <= 2 for rows, _ in model.calls)
+    assert len(steps) == 8  # the longest request (8 tokens) sets the pace; the third fits beside it
+
+
+def test_static_policy_admits_only_when_every_slot_is_free(tokenizer):
+    llama = scripted_llama(tokenizer, counting, max_batch_size=2, policy="static")
+    engine = llama.engine
+    ids = [engine.add_request([1, 20 + i], GREEDY, n) for i, n in enumerate([3, 8, 4])]
+    steps = run(engine)
+    admitted = next(s for s, step in enumerate(steps) if any(o.request_id == ids[2] for o in step))
+    assert admitted == 8  # after request 1's eighth token
+    assert len(steps) == 12
+    # The same tokens as the continuous policy.
+    continuous = scripted_llama(tokenizer, counting, max_batch_size=2).engine
+    ids_c = [continuous.add_request([1, 20 + i], GREEDY, n) for i, n in enumerate([3, 8, 4])]
+    done, done_c = finished(steps), finished(run(continuous))
+    assert [done[i].completion.tokens for i in ids] == [done_c[i].completion.tokens for i in ids_c]
+
+
+def test_a_step_feeds_at_most_one_chunk_and_running_requests_keep_decoding(tokenizer):
+    llama = scripted_llama(tokenizer, counting, max_batch_size=2, max_seq_len=64, prefill_chunk=4)
+    engine, model = llama.engine, llama.model
+    first = engine.add_request([1, 20], GREEDY, 12)
+    engine.step()
+    engine.step()
+    model.prefills.clear()
+    long_prompt = [1] + list(range(10, 27))  # 18 tokens: 5 chunks of at most 4
+    second = engine.add_request(long_prompt, GREEDY, 3)
+    steps = run(engine)
+    assert model.prefills[:5] == [4, 4, 4, 4, 2]
+    # Every step while the long prompt was read also gave the running request one token.
+    tokens_per_step = [sum(len(o.new_tokens) for o in step if o.request_id == first) for step in steps[:5]]
+    assert tokens_per_step == [1, 1, 1, 1, 1]
+    done = finished(steps)
+    assert done[second].completion.tokens == counted(26, 3)
+    assert len(done[first].completion.tokens) == 12
+
+
+def test_abort_ends_a_running_or_waiting_request_and_ignores_others(tokenizer):
+    engine = scripted_llama(tokenizer, counting, max_batch_size=1).engine
+    running = engine.add_request([1, 20], GREEDY, 30)
+    waiting = engine.add_request([1, 30], GREEDY, 2)
+    engine.step()
+    engine.abort(12345)  # unknown: nothing happens
+    engine.abort(waiting)
+    out = {o.request_id: o for o in engine.step()}
+    assert out[waiting].finish_reason == "abort" and out[waiting].completion.tokens == []
+    assert not out[running].finished and len(out[running].new_tokens) == 1
+    engine.abort(running)
+    out = {o.request_id: o for o in engine.step()}
+    assert out[running].finish_reason == "abort" and len(out[running].completion.tokens) == 2
+    assert not engine.has_work()
+    engine.abort(running)  # finished: nothing happens
+    assert not engine.has_work()
+    # The freed slot serves the next request.
+    again = engine.add_request([1, 20], GREEDY, 2)
+    assert finished(run(engine))[again].completion.tokens == [21, 22]
+
+
+def test_bad_requests_are_refused_before_anything_runs(tokenizer):
+    engine = scripted_llama(tokenizer, counting, max_batch_size=1, max_seq_len=16).engine
+    running = engine.add_request([1, 20], GREEDY, 5)
+    engine.step()
+    bad = [
+        (([1] * 17, GREEDY, 2), {}, "prompt has 17 tokens, more than max_seq_len=16"),
+        (([], GREEDY, 2), {}, "prompt is empty"),
+        (([1, 10**6], GREEDY, 2), {}, "outside the vocabulary"),
+        (("hello", GREEDY, 2), {}, "list of token ids"),
+        (([1, 2], GREEDY, 0), {}, "max_gen_len"),
+        (([1, 2], {"temperature": 0}, 2), {}, "SamplingParams"),
+        (([1, 2], GREEDY, 2), {"stop_token_ids": [-1]}, "stop_token_ids"),
+        (([1, 2], GREEDY, 2), {"stop_token_ids": 5}, "stop_token_ids"),
+        (([1, 2], GREEDY, 2), {"top_logprobs": 50}, "top_logprobs"),
+    ]
+    for args, kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            engine.add_request(*args, **kwargs)
+    assert engine.num_waiting == 0 and engine.num_running == 1
+    assert finished(run(engine))[running].completion.tokens == [21, 22, 23, 24, 25]
+
+
+def test_an_exception_in_a_step_fails_that_steps_requests_and_the_engine_goes_on(tokenizer):
+    def script(sequence):
+        if 90 in sequence:
+            raise RuntimeError("out of memory (simulated)")
+        return counting(sequence)
+
+    engine = scripted_llama(tokenizer, script, max_batch_size=2).engine
+    good = engine.add_request([1, 20], GREEDY, 3)
+    doomed = engine.add_request([1, 90], GREEDY, 3)
+    later = engine.add_request([1, 40], GREEDY, 2)  # waits for a slot: not in the failing step
+    out = {o.request_id: o for o in engine.step()}
+    assert out[doomed].finish_reason == out[good].finish_reason == "error"
+    assert "out of memory" in str(out[doomed].error)
+    assert engine.num_running == 0 and engine.num_waiting == 1
+    done = finished(run(engine))
+    assert done[later].completion.tokens == [41, 42]
+    retry = engine.add_request([1, 20], GREEDY, 3)
+    assert finished(run(engine))[retry].completion.tokens == [21, 22, 23]
+
+
+def test_stop_token_ids_and_stop_strings_end_a_request(tokenizer):
+    engine = scripted_llama(tokenizer, counting, max_batch_size=2).engine
+    by_id = engine.add_request([1, 20], GREEDY, 10, stop_token_ids=[24])
+    eos = engine.add_request([1, 20], GREEDY, 10, stop_token_ids=[tokenizer.eos_id])
+    done = finished(run(engine))
+    assert done[by_id].completion.tokens == [21, 22, 23] and done[by_id].finish_reason == "stop"
+    assert len(done[eos].completion.tokens) == 10  # the counting script never produces EOS
+
+
+def test_chunked_prefill_equals_whole_prompt_prefill(tiny_checkpoints, tiny_tokenizer_path):
+    whole = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 3, device="cpu")
+    chunked = Llama(whole.model, whole.tokenizer, prefill_chunk=3)
+    prompts = [[1, 10, 11, 12, 13, 14, 15, 16, 17], [1, 20], [1, 30, 31, 32, 33], [1, 40, 41, 42, 43, 44, 45]]
+    a = whole.generate(prompts, max_gen_len=10, temperature=0, logprobs=True, echo=True)
+    b = chunked.generate(prompts, max_gen_len=10, temperature=0, logprobs=True, echo=True)
+    assert a[0] == b[0]
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def stories(stories260k):
+    def build(max_batch_size):
+        return Llama.build(str(stories260k), str(stories260k / "tokenizer.model"), 256, max_batch_size, device="cpu")
+
+    build.path = stories260k
+    return build
+
+
+STORY_PROMPTS = ["Once upon a time", "Tom had a big dog", "The sun was shining and", "Lily saw a bird", "One day"]
+MIXED = [
+    {"temperature": 0},
+    {"temperature": 0.9, "top_k": 20, "seed": 5},
+    {"temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.2, "seed": 9},
+    {"temperature": 0, "repetition_penalty": 1.3},
+    {"temperature": 0.7, "seed": 1},
+]
+
+
+def test_known_greedy_story_and_bos_as_a_stop_token(stories):
+    llama = Llama.build(str(stories.path), str(stories.path / "tokenizer.model"), 512, 2, device="cpu")
+    out = llama.text_completion(["Once upon a time"], temperature=0, max_gen_len=400, stop_token_ids=[1], return_stats=True)[0]
+    assert out["generation"].startswith(", there was a little girl named Lily")
+    # The story ends with BOS after 341 tokens: a stop token, not included, and no new story after it.
+    assert out["stats"] == {"prompt_tokens": 5, "generated_tokens": 341, "stop_reason": "stop"}
+    assert out["generation"].endswith("You are a good friend.\"")
+
+
+def test_a_seeded_request_gets_the_same_tokens_alone_or_in_any_batch(stories):
+    alone = {}
+    single = stories(1)
+    for prompt, sampling in zip(STORY_PROMPTS, MIXED):
+        alone[prompt] = single.text_completion([prompt], max_gen_len=40, **sampling)[0]["generation"]
+    assert len(set(alone.values())) == len(alone)
+    for slots in (2, 4):
+        llama = stories(slots)
+        engine = llama.engine
+        # Requests of mixed settings added at different steps, so each lands in some slot beside others.
+        ids = {}
+        for k, (prompt, sampling) in enumerate(zip(STORY_PROMPTS[::-1], MIXED[::-1])):
+            ids[engine.add_request(llama.tokenizer.encode(prompt, True, False), SamplingParams(**sampling), 40)] = prompt
+            engine.step()
+        done = finished(run(engine))
+        assert {ids[i]: o.completion.text for i, o in done.items() if i in ids} == alone
+    # One call with many prompts and a seed: each prompt's output is the one it gets alone with that seed.
+    batch = stories(3).text_completion(STORY_PROMPTS, max_gen_len=30, temperature=0.9, seed=7)
+    for prompt, out in zip(STORY_PROMPTS, batch):
+        assert out == single.text_completion([prompt], max_gen_len=30, temperature=0.9, seed=7)[0]
+
+
+def test_calls_from_threads_and_interleaved_streams_each_get_what_they_get_alone(stories):
+    llama = stories(3)
+    settings = [dict(max_gen_len=30, **s) for s in MIXED]
+    expected = [llama.text_completion([p], **s)[0]["generation"] for p, s in zip(STORY_PROMPTS, settings)]
+
+    results = [None] * len(STORY_PROMPTS)
+    barrier = threading.Barrier(len(STORY_PROMPTS))
+
+    def call(i):
+        barrier.wait()
+        results[i] = llama.text_completion([STORY_PROMPTS[i]], **settings[i])[0]["generation"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(STORY_PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+    # Streams iterated in turns, one delta at a time, with a whole call in between.
+    streams = [llama.stream_text_completion(p, **s) for p, s in zip(STORY_PROMPTS[:3], settings[:3])]
+    texts = [""] * 3
+    live = set(range(3))
+    while live:
+        for i in sorted(live):
+            try:
+                texts[i] += next(streams[i])
+            except StopIteration:
+                live.discard(i)
+        if len(live) == 2:
+            assert llama.text_completion([STORY_PROMPTS[4]], **settings[4])[0]["generation"] == expected[4]
+    assert texts == expected[:3]
+    assert not llama.engine.has_work()
+
+
+def test_model_parallel_ranks_follow_rank_0s_schedule(tmp_path, stories260k):
+    """Two Gloo ranks under torchrun: requests added at different steps, with an abort, give the same
+    tokens on every rank as in one process."""
+    out = tmp_path / "out"
+    check_exit(launch([REPO / "tests" / "engine_worker.py", stories260k, f"{out}-mp"], nproc=2, timeout=600))
+    check_exit(launch([REPO / "tests" / "engine_worker.py", stories260k, f"{out}-one"], timeout=300))
+    one = torch.load(f"{out}-one.rank0.pt")
+    assert len(one) == 5 and one[0][1] == "abort"
+    for rank in range(2):
+        assert torch.load(f"{out}-mp.rank{rank}.pt") == one
