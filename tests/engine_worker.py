@@ -31,7 +31,7 @@ def main(ckpt_dir: str, out_prefix: str) -> None:
         for k, (at, prompt, sampling, n) in enumerate(SCHEDULE):
             if at == step:
                 ids[engine.add_request(tokenizer.encode(prompt, True, False), sampling, n, stop_token_ids=[1])] = k
-        if step == 12:
+        if step == 12 and global_rank() == 0:  # only rank 0 decides: the other ranks abort by its plan
             engine.abort(next(i for i, k in ids.items() if k == 0))
         for out in engine.step():
             if out.finished:
