@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llama import Llama, bench
+from llama import Llama, bench, measure, random_model
 from llama.quantize import quantize_model
 from tests.conftest import check_exit, launch
 
@@ -93,9 +93,9 @@ def test_agreement_on_more_prompts_than_the_batch():
     here from the same random model and prompts: float32 against int4, greedy."""
     r = bench.main(**SMALL, quantize="int4-g32", agreement_prompts=5)
     assert r["ours"]["2"]["batch"] == 2  # the timed batch is unchanged
-    model = bench.build_random_model("tiny", torch.device("cpu"), torch.float32, 16, 2, seed=0)
+    model = random_model.build_random_model("tiny", torch.device("cpu"), torch.float32, 16, 2, seed=0)
     prompts = torch.randint(0, model.vocab_size, (5, 8), generator=torch.Generator().manual_seed(0)).tolist()
-    tokenizer = bench._NoTextTokenizer(model.vocab_size)
+    tokenizer = random_model.NoTextTokenizer(model.vocab_size)
     reference = Llama(model, tokenizer).generate(prompts, max_gen_len=8, temperature=0.0)[0]
     tokens = Llama(quantize_model(model, "int4-g32"), tokenizer).generate(prompts, max_gen_len=8, temperature=0.0)[0]
     rows_equal = sum(t == ref for t, ref in zip(tokens, reference))
@@ -119,7 +119,7 @@ def test_under_torchrun(tmp_path):
     check_exit(proc)
     r = json.loads(out.read_text())
     assert r["world_size"] == 2 and r["model_parallel_size"] == 2
-    assert r["per_rank"]["n_local_heads"] == bench.SHAPES["tiny"]["n_heads"] // 2
+    assert r["per_rank"]["n_local_heads"] == random_model.SHAPES["tiny"]["n_heads"] // 2
     # Each rank holds half of the weights (the norms are replicated and tiny).
     assert r["per_rank"]["weight_bytes"] < 0.6 * r["params"] * 4
     _check_speeds(r)
@@ -127,7 +127,7 @@ def test_under_torchrun(tmp_path):
 
 
 def test_peak_memory_restart_forgets_earlier_peaks():
-    memory = bench.PeakMemory(torch.device("cpu"))
+    memory = measure.PeakMemory(torch.device("cpu"))
     if memory.method != "VmHWM":
         pytest.skip("the resident set's high-water mark cannot be reset here (/proc/self/clear_refs)")
     mib = 2**20
@@ -141,14 +141,14 @@ def test_peak_memory_restart_forgets_earlier_peaks():
 
 
 def test_random_model_dtype_and_bytes():
-    model = bench.build_random_model("tiny", torch.device("cpu"), torch.bfloat16, max_seq_len=16, max_batch_size=2)
+    model = random_model.build_random_model("tiny", torch.device("cpu"), torch.bfloat16, max_seq_len=16, max_batch_size=2)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(p.device.type == "cpu" for p in model.parameters())
     logits = model.forward(torch.tensor([[1, 2, 3]]), 0)
     assert torch.isfinite(logits).all() and logits.std() > 0
 
-    s = bench.SHAPES["tiny"]
-    step = bench.decode_bytes_per_step(model, batch=2, prompt_len=10, gen_len=6)
+    s = random_model.SHAPES["tiny"]
+    step = measure.decode_bytes_per_step(model, batch=2, prompt_len=10, gen_len=6)
     weights = sum(p.numel() for p in model.parameters()) * 2
     assert step["weights"] == weights - s["vocab_size"] * s["dim"] * 2 + 2 * s["dim"] * 2
     # keys and values, every layer, 2 rows, all heads, 13 positions on average, 2 bytes each
@@ -158,7 +158,7 @@ def test_random_model_dtype_and_bytes():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
-        bench.build_random_model("3B", torch.device("cpu"), torch.float32, 8, 1)
+        random_model.build_random_model("3B", torch.device("cpu"), torch.float32, 8, 1)
     with pytest.raises(ValueError, match="agreement_prompts must be an integer >= 1"):
         bench.run(shape="tiny", agreement_prompts=0)
     with pytest.raises(ValueError, match="gen_len"):
