@@ -172,6 +172,19 @@ def _time_batches(results: dict, generators: dict, prompts: List[List[int]], bat
             results["hf_tokens_match"][str(b)] = tokens_equal_share(tokens, hf_tokens)
 
 
+def _untimed_runs(results: dict, memory: PeakMemory, ours: Callable, prompts: List[List[int]], batches: List[int],
+                  device: torch.device) -> None:
+    """Untimed runs first, which also give the peak memory of our generation alone: the model and
+    its cache stay counted, the accuracy measurements before are not."""
+    memory.restart()
+    for b in batches:
+        for _ in range(max(results["warmup"], 1)):
+            ours(prompts[:b], results["gen_len"])
+    results["peak_memory_bytes"] = int(max(reduce([memory.peak()], device, dist.ReduceOp.MAX)))
+    ranks = results["world_size"] > 1
+    results["peak_memory_method"] = memory.method + (" (the largest over ranks)" if ranks else "")
+
+
 def _add_bandwidth(results: dict, bandwidth_start: float, device: torch.device) -> None:
     """The copy bandwidth (the better of the start's and the end's) and each run's share of it.
 
@@ -203,23 +216,10 @@ def _setup(device, dtype, baseline_dtype, quantize, compare_hf: bool):
     return device, dtype, baseline_dtype, scheme, world, world_size
 
 
-def run(
-    shape: str = "134M",
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    prompt_len: int = 128,
-    gen_len: int = 64,
-    batch: int = 8,
-    compare_hf: bool = False,
-    warmup: int = 1,
-    repeats: int = 3,
-    seed: int = 0,
-    compile: bool = False,
-    quantize: Optional[str] = None,
-    baseline_dtype: Optional[str] = None,
-    max_seq_len: Optional[int] = None,
-    agreement_prompts: Optional[int] = None,
-) -> dict:
+def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, prompt_len: int = 128,
+        gen_len: int = 64, batch: int = 8, compare_hf: bool = False, warmup: int = 1, repeats: int = 3, seed: int = 0,
+        compile: bool = False, quantize: Optional[str] = None, baseline_dtype: Optional[str] = None,
+        max_seq_len: Optional[int] = None, agreement_prompts: Optional[int] = None) -> dict:
     """Run the benchmark and return its results (see main for the arguments)."""
     n_agree = batch if agreement_prompts is None else agreement_prompts
     max_seq_len = _check_run_args(prompt_len, gen_len, batch, warmup, repeats, n_agree, max_seq_len)
@@ -250,17 +250,9 @@ def run(
                     warmup=warmup, repeats=repeats, compile=compile, quantize=scheme.name if scheme is not None else None,
                     baseline_dtype=str(baseline_dtype).removeprefix("torch."))
     results = _describe(model, n_params, device, dtype, world_size, world, settings)
-    # Untimed runs first, which also give the peak memory of our generation alone: the model and
-    # its cache stay counted, the accuracy measurements before are not.
-    memory.restart()
-    for b in batches:
-        for _ in range(max(warmup, 1)):
-            ours(prompts[:b], gen_len)
-    results["peak_memory_bytes"] = int(max(reduce([memory.peak()], device, dist.ReduceOp.MAX)))
-    results["peak_memory_method"] = memory.method + (" (the largest over ranks)" if world_size > 1 else "")
-
+    _untimed_runs(results, memory, ours, prompts, batches, device)
     generators = {"ours": ours}
-    if compare_hf:
+    if hf is not None:
         import transformers
 
         generators["hf"] = hf_baseline.generator(hf, device)
@@ -375,24 +367,11 @@ def format_table(r: dict) -> str:
     return "\n".join(_header_lines(r) + _speed_lines(r) + _accuracy_lines(r))
 
 
-def main(
-    shape: str = "134M",
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    prompt_len: int = 128,
-    gen_len: int = 64,
-    batch: int = 8,
-    compare_hf: bool = False,
-    json: Optional[str] = None,
-    warmup: int = 1,
-    repeats: int = 3,
-    seed: int = 0,
-    compile: bool = False,
-    quantize: Optional[str] = None,
-    baseline_dtype: Optional[str] = None,
-    max_seq_len: Optional[int] = None,
-    agreement_prompts: Optional[int] = None,
-) -> dict:
+def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, prompt_len: int = 128,
+         gen_len: int = 64, batch: int = 8, compare_hf: bool = False, json: Optional[str] = None, warmup: int = 1,
+         repeats: int = 3, seed: int = 0, compile: bool = False, quantize: Optional[str] = None,
+         baseline_dtype: Optional[str] = None, max_seq_len: Optional[int] = None,
+         agreement_prompts: Optional[int] = None) -> dict:
     """Benchmark generation on a random model; print a table (rank 0) and optionally write JSON.
 
     shape: one of tiny, 134M, 7B, 13B, 70B. device: cuda, cpu, mps or None (the best available).

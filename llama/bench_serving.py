@@ -1,0 +1,395 @@
+"""Serving benchmark: a mixed workload through the continuous-batching engine, on a random model.
+
+    python -m llama.bench_serving --shape 134M --device cpu --dtype float32 --max_batch_size 8 --compile --compare_hf
+
+A workload of --requests requests, prompt lengths uniform in [prompt_min, prompt_max], max_gen_len
+uniform in [gen_min, gen_max], random token ids, greedy, EOS off (every request generates exactly its
+max_gen_len), seeded. It runs through llama.engine.Engine, driven directly (add_request / step), under
+the continuous and the static policy: all requests at once (offline), and arriving as a Poisson process
+of --arrival_rate requests/s (each added to the engine once its arrival time has passed on the wall
+clock, the engine stepped in between). Each step is timed with time.perf_counter, and every request's
+tokens get the time of the step that produced them. Reported: throughput (generated tokens / wall
+time), time to first token and inter-token latency p50/p99, mean slot occupancy. --compare_hf runs the
+offline workload through transformers' generate in static batches of max_batch_size, left-padded.
+Last, a --join_prompt_len-token prompt joins max_batch_size - 1 running requests, once for each of
+--join_chunks prefill chunk sizes: the running requests' inter-token latency while it is read.
+See the "Serving benchmark" part of README.md.
+"""
+
+import json as _json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+
+from llama import hf_baseline
+from llama.compiled import CompiledDecodeStep
+from llama.distributed import resolve_device, resolve_dtype
+from llama.engine import Engine
+from llama.measure import device_name, percentile, tokens_equal_share
+from llama.random_model import NoTextTokenizer, build_random_model
+from llama.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+POLICIES = ("continuous", "static")
+
+
+@dataclass
+class Request:
+    arrival: float  # seconds after the run's start
+    prompt: List[int]
+    max_gen_len: int
+
+
+def make_workload(n: int, prompt_range: Sequence[int], gen_range: Sequence[int], vocab_size: int, seed: int,
+                  arrival_rate: Optional[float] = None) -> List[Request]:
+    """n requests, lengths uniform in the inclusive ranges, token ids uniform in [0, vocab_size), in arrival
+    order: all at 0, or (arrival_rate > 0) a Poisson process, exponential gaps of mean 1 / arrival_rate.
+    The requests depend on the seed only, the arrival times on the seed and the rate."""
+    rng, clock = random.Random(seed), random.Random(seed + 1)
+    requests, t = [], 0.0
+    for _ in range(n):
+        prompt = [rng.randrange(vocab_size) for _ in range(rng.randint(*prompt_range))]
+        requests.append(Request(t, prompt, rng.randint(*gen_range)))
+        if arrival_rate:
+            t += clock.expovariate(arrival_rate)
+    return requests
+
+
+def mean_occupancy(running_per_step: Sequence[int], slots: int) -> float:
+    """Requests holding a slot over the slots, averaged over steps."""
+    return sum(running_per_step) / (len(running_per_step) * slots)
+
+
+def inter_token_latencies(token_times: Sequence[float]) -> List[float]:
+    """The gaps between one request's consecutive tokens."""
+    return [b - a for a, b in zip(token_times, token_times[1:])]
+
+
+@dataclass
+class Trace:
+    """What one run recorded: times in seconds after its start, per workload request."""
+
+    arrivals: List[float]
+    token_times: List[List[float]] = field(default_factory=list)
+    tokens: List[List[int]] = field(default_factory=list)
+    running: List[int] = field(default_factory=list)  # requests holding a slot in each step
+    wall_s: float = 0.0
+
+    def __post_init__(self):
+        self.token_times = [[] for _ in self.arrivals]
+        self.tokens = [[] for _ in self.arrivals]
+
+
+def drive(engine: Engine, workload: List[Request], on_step: Optional[Callable[[float], None]] = None) -> Trace:
+    """Run the workload through engine against the wall clock: a request is added once its arrival time has
+    passed, between steps; with nothing to run, wait for the next arrival. on_step(t) after each step."""
+    trace = Trace([r.arrival for r in workload])
+    which: Dict[int, int] = {}  # engine's request id -> workload index
+    start = time.perf_counter()
+    nxt = 0
+    while nxt < len(workload) or engine.has_work():
+        now = time.perf_counter() - start
+        while nxt < len(workload) and workload[nxt].arrival <= now:
+            r = workload[nxt]
+            which[engine.add_request(r.prompt, GREEDY, r.max_gen_len)] = nxt
+            nxt += 1
+        if not engine.has_work():
+            time.sleep(max(0.0, workload[nxt].arrival - now))
+            continue
+        outputs = engine.step()
+        t = time.perf_counter() - start
+        for out in outputs:
+            i = which[out.request_id]
+            trace.tokens[i] += out.new_tokens
+            trace.token_times[i] += [t] * len(out.new_tokens)
+            if out.error is not None:
+                raise RuntimeError(f"request {i} failed") from out.error
+        trace.running.append(engine.num_running + sum(out.finished for out in outputs))
+        if on_step is not None:
+            on_step(t)
+    trace.wall_s = time.perf_counter() - start
+    return trace
+
+
+def summarize(trace: Trace, slots: int) -> dict:
+    """Throughput, time to first token and inter-token latency (p50, p99), mean slot occupancy."""
+    generated = sum(len(t) for t in trace.tokens)
+    ttft = [times[0] - arrival for times, arrival in zip(trace.token_times, trace.arrivals) if times]
+    itl = [gap for times in trace.token_times for gap in inter_token_latencies(times)]
+    out = {"requests": len(trace.arrivals), "generated_tokens": generated, "wall_s": trace.wall_s,
+           "throughput_tok_s": generated / trace.wall_s, "steps": len(trace.running)}
+    for name, values in (("ttft", ttft), ("itl", itl)):
+        out[f"{name}_p50_s"], out[f"{name}_p99_s"] = percentile(values, 50), percentile(values, 99)
+    if trace.running:
+        out["occupancy_mean"] = mean_occupancy(trace.running, slots)
+    return out
+
+
+def _best_of(repeats: int, runs: Dict[str, Callable[[], Trace]], slots: int):
+    """Each run repeats times, the runs taking turns; per run, the summary of the fastest (every wall time
+    kept) and the tokens."""
+    best: Dict[str, tuple] = {}
+    walls: Dict[str, List[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run_once in runs.items():
+            trace = run_once()
+            walls[name].append(trace.wall_s)
+            if name not in best or trace.wall_s < best[name].wall_s:
+                best[name] = trace
+    return {name: {**summarize(t, slots), "walls_s": walls[name]} for name, t in best.items()}, \
+        {name: t.tokens for name, t in best.items()}
+
+
+def hf_static(hf, workload: List[Request], batch: int, device: torch.device) -> Trace:
+    """The workload (all at once) through transformers' generate in batches of batch in arrival order, each
+    left-padded and generating its longest max_gen_len; each request keeps its own max_gen_len tokens."""
+    trace = Trace([0.0] * len(workload))
+    start = time.perf_counter()
+    for first in range(0, len(workload), batch):
+        group = workload[first:first + batch]
+        times: List[float] = []
+        rows = hf_baseline.generate(hf, [r.prompt for r in group], max(r.max_gen_len for r in group), device, times)
+        # Occupancy counts the rows still wanted: a row past its request's max_gen_len is wasted work.
+        trace.running += [sum(r.max_gen_len > k for r in group) for k in range(len(times))]
+        for i, (r, row) in enumerate(zip(group, rows)):
+            trace.tokens[first + i] = row[: r.max_gen_len]
+            trace.token_times[first + i] = [t - start for t in times[: r.max_gen_len]]
+    trace.wall_s = time.perf_counter() - start
+    return trace
+
+
+def long_prompt_joins(model, tokenizer, decode, chunk: int, prompt_len: int, short_len: int, seed: int) -> dict:
+    """slots - 1 requests of short_len-token prompts decode; once each has 8 tokens, a prompt_len-token
+    prompt joins (max_gen_len 1). The running requests' inter-token latencies from its arrival to its
+    first token (p50, p99), theirs before it arrived (p50), and its time to first token."""
+    slots = model.cache_shape[0]
+    engine = Engine(model, tokenizer, prefill_chunk=chunk, decode=decode)
+    rng = random.Random(seed)
+    # Enough tokens that the running requests outlast the long prompt's reading.
+    gen = 8 + -(-(slots - 1) * short_len // chunk) + -(-prompt_len // chunk) + 4
+    times: Dict[int, List[float]] = {
+        engine.add_request([rng.randrange(model.vocab_size) for _ in range(short_len)], GREEDY, gen): []
+        for _ in range(slots - 1)}
+    long_prompt = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
+    long_id, join_at, first = None, None, None
+    start = time.perf_counter()
+    while first is None:
+        if long_id is None and all(len(t) >= 8 for t in times.values()):
+            join_at = time.perf_counter() - start
+            long_id = engine.add_request(long_prompt, GREEDY, 1)
+        if not engine.has_work():
+            raise RuntimeError("the running requests ended before the long prompt's first token")
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            if out.request_id == long_id and out.new_tokens:
+                first = now
+            elif out.request_id in times:
+                times[out.request_id] += [now] * len(out.new_tokens)
+    for request_id in times:  # their remaining tokens are not needed
+        engine.abort(request_id)
+    while engine.has_work():
+        engine.step()
+    gaps = [(b, b - a) for t in times.values() for a, b in zip(t, t[1:])]
+    during = [gap for end, gap in gaps if join_at < end <= first]
+    before = [gap for end, gap in gaps if end <= join_at]
+    return {"prefill_chunk": chunk, "running": slots - 1, "itl_p50_s": percentile(during, 50),
+            "itl_p99_s": percentile(during, 99), "itl_max_s": max(during), "itl_before_p50_s": percentile(before, 50),
+            "long_ttft_s": first - join_at, "gaps_during": len(during)}
+
+
+def _positive_ints(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
+                repeats, arrival_rate) -> List[int]:
+    """ValueError naming a bad argument; else the join test's chunk sizes as a list."""
+    _positive_ints(max_batch_size=max_batch_size, requests=requests, prompt_min=prompt_range[0], gen_min=gen_range[0],
+                   prefill_chunk=prefill_chunk, join_prompt_len=join_prompt_len, repeats=repeats)
+    for name, (low, high) in (("prompt", prompt_range), ("gen", gen_range)):
+        if not isinstance(high, int) or isinstance(high, bool) or high < low:
+            raise ValueError(f"{name}_max must be an integer >= {name}_min = {low}, got {high!r}")
+    if gen_range[0] < 2:
+        raise ValueError(f"gen_min must be at least 2 (an inter-token latency needs two tokens), got {gen_range[0]}")
+    if arrival_rate is not None and (isinstance(arrival_rate, bool) or not isinstance(arrival_rate, (int, float)) or arrival_rate < 0):
+        raise ValueError(f"arrival_rate must be a number >= 0 (0 or None: no Poisson run), got {arrival_rate!r}")
+    chunks = [join_chunks] if isinstance(join_chunks, int) else list(join_chunks or [])
+    _positive_ints(**{f"join_chunks[{i}]": c for i, c in enumerate(chunks)})
+    return chunks
+
+
+def _compare_hf(results: dict, model, workload: List[Request], ours: List[List[int]], device: torch.device) -> None:
+    """transformers' static batches on the offline workload: its figures, and ours against them."""
+    import transformers
+
+    hf = hf_baseline.hf_model(model, model.tok_embeddings.weight.dtype, device)
+    batch = model.cache_shape[0]
+    hf_baseline.generate(hf, [r.prompt for r in workload[:batch]], 2, device)  # warm-up, untimed
+    trace = hf_static(hf, workload, batch, device)
+    theirs = summarize(trace, batch)
+    results["hf"] = {"transformers": transformers.__version__, "attn_implementation": "sdpa", "offline": theirs,
+                     "tokens_equal": tokens_equal_share(trace.tokens, ours)}
+    results["speedup_over_hf"] = {p: results["offline"][p]["throughput_tok_s"] / theirs["throughput_tok_s"]
+                                  for p in POLICIES}
+    del hf
+
+
+def _describe(model, device: torch.device, workload: List[Request], prompt_range, gen_range, settings: dict) -> dict:
+    """The results' header: what ran, on what, with which settings."""
+    return {
+        **settings, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
+        "device_name": device_name(device), "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "workload": {"requests": len(workload), "prompt_len": list(prompt_range), "max_gen_len": list(gen_range),
+                     "prompt_tokens": sum(len(r.prompt) for r in workload),
+                     "gen_tokens": sum(r.max_gen_len for r in workload)},
+        "eos": "disabled (eos_id=-1): every request generates exactly its max_gen_len tokens",
+    }
+
+
+def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, max_batch_size: int = 8,
+        requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
+        arrival_rate: Optional[float] = 2.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
+        join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
+        max_seq_len: Optional[int] = None) -> dict:
+    """Run the serving benchmark and return its results (see main for the arguments)."""
+    prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
+    chunks = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
+                         repeats, arrival_rate)
+    need = max(prompt_max + gen_max, join_prompt_len + 1 if chunks else 0)
+    if max_seq_len is None:
+        max_seq_len = need
+    elif not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < need:
+        raise ValueError(f"max_seq_len must be an integer >= {need} (the longest prompt and generation), got {max_seq_len!r}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    model = build_random_model(shape, device, dtype, max_seq_len, max_batch_size, seed)
+    tokenizer = NoTextTokenizer(model.vocab_size)
+    decode = CompiledDecodeStep(model) if compile else None
+    engines = {p: Engine(model, tokenizer, prefill_chunk=prefill_chunk, policy=p, decode=decode) for p in POLICIES}
+    workload = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed)
+    # Untimed: compiles the decode step (every batch size and attended length is a dynamic size of one graph).
+    drive(engines["continuous"], make_workload(2 * max_batch_size, prompt_range, gen_range, model.vocab_size, seed + 1))
+    graphs = counters["stats"]["unique_graphs"]
+    results = _describe(model, device, workload, prompt_range, gen_range, dict(
+        shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile, prefill_chunk=prefill_chunk,
+        repeats=repeats, seed=seed))
+    runs = {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}
+    results["offline"], tokens = _best_of(repeats, runs, max_batch_size)
+    results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
+    ratio = {"offline": results["offline"]["continuous"]["throughput_tok_s"] / results["offline"]["static"]["throughput_tok_s"]}
+    if arrival_rate:
+        arriving = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed, arrival_rate)
+        runs = {p: (lambda p=p: drive(engines[p], arriving)) for p in POLICIES}
+        results["poisson"] = {"arrival_rate": arrival_rate, **_best_of(repeats, runs, max_batch_size)[0]}
+        ratio["poisson"] = results["poisson"]["continuous"]["throughput_tok_s"] / results["poisson"]["static"]["throughput_tok_s"]
+    results["speedup_continuous_over_static"] = ratio
+    if compare_hf:
+        _compare_hf(results, model, workload, tokens["continuous"], device)
+    results["join"] = {"prompt_len": join_prompt_len, "short_prompt_len": prompt_min, "chunks": [
+        long_prompt_joins(model, tokenizer, decode, c, join_prompt_len, prompt_min, seed) for c in chunks]}
+    results["graphs_compiled_during_timed_runs"] = counters["stats"]["unique_graphs"] - graphs
+    if load_start is not None:
+        results["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
+    return results
+
+
+def _ms_pair(summary: dict, name: str) -> str:
+    return f"{summary[name + '_p50_s'] * 1e3:.0f} / {summary[name + '_p99_s'] * 1e3:.0f}"
+
+
+def _policy_rows(title: str, runs: dict, hf: Optional[dict]) -> List[str]:
+    """One block of the table: each figure for continuous and static (and transformers' static batches)."""
+    rows = [("throughput tok/s", lambda s: f"{s['throughput_tok_s']:.1f}"), ("TTFT p50 / p99 ms", lambda s: _ms_pair(s, "ttft")),
+            ("ITL p50 / p99 ms", lambda s: _ms_pair(s, "itl")), ("mean slot occupancy", lambda s: f"{s['occupancy_mean']:.2f}"),
+            ("wall s", lambda s: f"{s['wall_s']:.1f}")]
+    c, st = runs["continuous"], runs["static"]
+    lines = [title]
+    for label, show in rows:
+        line = f"  {label:24}{show(c):>14}{show(st):>14}"
+        if label == "throughput tok/s":
+            line += f"{c['throughput_tok_s'] / st['throughput_tok_s']:>13.2f}x"
+        if hf is not None:
+            line = f"{line:<68}{show(hf):>14}"
+            if label == "throughput tok/s":
+                line += f"{c['throughput_tok_s'] / hf['throughput_tok_s']:>11.2f}x"
+        lines.append(line)
+    return lines
+
+
+def format_table(r: dict) -> str:
+    """A readable summary of run()'s results."""
+    w, hf = r["workload"], r.get("hf")
+    lines = [
+        f"llama.bench_serving: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}, "
+        f"device {r['device']}: {r['device_name']}",
+        f"torch {r['torch']}, {r['max_batch_size']} slots, max_seq_len {r['max_seq_len']}, prefill chunk {r['prefill_chunk']}, "
+        f"{'compiled decode step, ' if r['compile'] else ''}greedy, EOS disabled, best of {r['repeats']}",
+        f"workload: {w['requests']} requests, prompts {w['prompt_len'][0]}..{w['prompt_len'][1]} tokens ({w['prompt_tokens']} in all), "
+        f"max_gen_len {w['max_gen_len'][0]}..{w['max_gen_len'][1]} ({w['gen_tokens']} in all), seed {r['seed']}",
+    ]
+    if "load_average_1min" in r:
+        load = r["load_average_1min"]
+        lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
+    if hf:
+        lines.append(f"transformers {hf['transformers']} LlamaForCausalLM.generate (sdpa), same weights, "
+                     f"static batches of {r['max_batch_size']} in arrival order, left-padded")
+    header = f"\n{'':26}{'continuous':>14}{'static':>14}{'cont/static':>14}"
+    lines.append(header + (f"{'HF static':>14}{'cont/HF':>12}" if hf else ""))
+    lines += _policy_rows(f"offline: all {w['requests']} at once", r["offline"], hf["offline"] if hf else None)
+    if "poisson" in r:
+        lines += _policy_rows(f"Poisson arrivals, {r['poisson']['arrival_rate']:g} requests/s", r["poisson"], None)
+    match = f"greedy tokens of static equal to continuous: {100 * r['static_tokens_equal']:.0f}%"
+    lines.append(match + (f"; transformers' equal to continuous: {100 * hf['tokens_equal']:.0f}%" if hf else ""))
+    j = r["join"]
+    if j["chunks"]:
+        running = j["chunks"][0]["running"]
+        lines += ["", f"a {j['prompt_len']}-token prompt joins {running} running requests ({j['short_prompt_len']}-token prompts):",
+                  f"  {'prefill chunk':>13}{'ITL p50 / p99 ms while it is read':>36}{'ITL p50 ms before':>20}{'its TTFT ms':>14}"]
+        for c in j["chunks"]:
+            lines.append(f"  {c['prefill_chunk']:>13}{_ms_pair(c, 'itl'):>36}{c['itl_before_p50_s'] * 1e3:>20.0f}"
+                         f"{c['long_ttft_s'] * 1e3:>14.0f}")
+    lines.append(f"decode-step graphs compiled during the timed runs: {r['graphs_compiled_during_timed_runs']}")
+    return "\n".join(lines)
+
+
+def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, max_batch_size: int = 8,
+         requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
+         arrival_rate: Optional[float] = 2.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
+         join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
+         max_seq_len: Optional[int] = None, json: Optional[str] = None) -> dict:
+    """Serving benchmark on a random model; prints a table and optionally writes JSON.
+
+    shape: tiny, 134M, 7B, 13B or 70B. device: cuda, cpu, mps or None (the best available). dtype: float32,
+    float16, bfloat16 or None (the device's default). max_batch_size: the engine's slots.
+    requests, prompt_min/prompt_max, gen_min/gen_max (inclusive, gen_min >= 2): the workload; seed: it and the weights.
+    arrival_rate: requests/s of the Poisson run (0 or None: none). prefill_chunk: the engine's prompt tokens per step
+    in the workload runs. join_prompt_len, join_chunks (e.g. 64,512; empty: no join test): the long prompt
+    joining running requests, and the chunk sizes it is read in. compare_hf: also run transformers' generate in
+    static batches. compile: the torch.compile'd decode step (llama/compiled.py). repeats: runs of each workload, the
+    fastest reported. max_seq_len: the model's context (default: the longest prompt + generation of any run).
+    json: a path to write every figure to.
+    """
+    results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
+                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len)
+    print(format_table(results), flush=True)
+    if json:
+        with open(json, "w") as f:
+            _json.dump(results, f, indent=2)
+            f.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main, serialize=lambda result: None)  # the table is the output, not the returned dict

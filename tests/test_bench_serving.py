@@ -1,0 +1,160 @@
+"""python -m llama.bench_serving: the measuring helpers against direct formulas, and smoke runs on the
+tiny shape on the CPU that check every reported figure is present, finite and consistent (no timing
+assertions)."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from llama import bench_serving as bs
+from llama.engine import Engine
+from llama.measure import percentile
+from llama.random_model import NoTextTokenizer, build_random_model
+from tests.conftest import check_exit, launch
+
+SMALL = dict(shape="tiny", device="cpu", max_batch_size=3, requests=6, prompt_min=4, prompt_max=20, gen_min=2,
+             gen_max=10, arrival_rate=50.0, join_prompt_len=40, join_chunks=(8, 32))
+FIGURES = ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "occupancy_mean", "wall_s")
+
+
+def test_percentile_is_linear_interpolation_between_ranks():
+    values = [random.Random(0).uniform(0, 10) for _ in range(37)]
+    ordered = sorted(values)
+    for q in (0, 1, 25, 50, 90, 99, 100):
+        rank = q / 100 * 36
+        low, frac = int(rank), rank - int(rank)
+        direct = ordered[low] + frac * (ordered[min(low + 1, 36)] - ordered[low])
+        assert percentile(values, q) == pytest.approx(direct)
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(101)), 99) == 99
+    assert percentile([5.0], 99) == 5.0
+    np = pytest.importorskip("numpy")
+    assert percentile(values, 99) == pytest.approx(float(np.percentile(values, 99)))
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+
+
+def test_occupancy_and_inter_token_latencies():
+    running = [3, 3, 2, 1, 3]
+    assert bs.mean_occupancy(running, 4) == pytest.approx((3 + 3 + 2 + 1 + 3) / (5 * 4))
+    assert bs.inter_token_latencies([0.5, 0.75, 1.5]) == [0.25, 0.75]
+    assert bs.inter_token_latencies([0.5]) == []
+
+
+def test_workload_is_seeded_within_ranges_and_arrives_as_a_poisson_process():
+    offline = bs.make_workload(2000, (16, 256), (16, 128), 512, seed=3)
+    assert offline == bs.make_workload(2000, (16, 256), (16, 128), 512, seed=3)
+    assert {r.arrival for r in offline} == {0.0}
+    lengths, gens = [len(r.prompt) for r in offline], [r.max_gen_len for r in offline]
+    assert min(lengths) == 16 and max(lengths) == 256 and min(gens) == 16 and max(gens) == 128
+    assert all(0 <= t < 512 for r in offline[:50] for t in r.prompt)
+    arriving = bs.make_workload(2000, (16, 256), (16, 128), 512, seed=3, arrival_rate=4.0)
+    # The same requests, arriving over time: gaps exponential with mean 1/4 s (sd of the mean: 0.25/sqrt(2000)).
+    assert [(r.prompt, r.max_gen_len) for r in arriving] == [(r.prompt, r.max_gen_len) for r in offline]
+    gaps = [b.arrival - a.arrival for a, b in zip(arriving, arriving[1:])]
+    assert min(gaps) >= 0 and sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.1)
+
+
+def _engine(slots=2, policy="continuous", max_seq_len=64):
+    model = build_random_model("tiny", torch.device("cpu"), torch.float32, max_seq_len, slots)
+    return Engine(model, NoTextTokenizer(model.vocab_size), policy=policy)
+
+
+def test_drive_records_tokens_times_and_occupancy():
+    # Two requests filling both slots from the first step: every step runs both, so occupancy is 1.
+    workload = [bs.Request(0.0, [1, 2, 3, 4], 5), bs.Request(0.0, [5, 6, 7, 8], 5)]
+    trace = bs.drive(_engine(), workload)
+    assert [len(t) for t in trace.tokens] == [5, 5] and trace.running == [2] * 5
+    s = bs.summarize(trace, 2)
+    assert s["steps"] == 5 and s["occupancy_mean"] == 1.0 and s["generated_tokens"] == 10
+    assert s["throughput_tok_s"] == pytest.approx(10 / trace.wall_s)
+    # Both got their first token from the first step, and every later token a step after the one before.
+    assert trace.token_times[0] == trace.token_times[1] and sorted(set(trace.token_times[0])) == trace.token_times[0]
+    assert s["ttft_p50_s"] == trace.token_times[0][0]
+    itl = bs.inter_token_latencies(trace.token_times[0])
+    assert s["itl_p50_s"] == pytest.approx(percentile(itl + itl, 50))
+
+
+def test_drive_adds_a_request_once_its_arrival_time_has_passed():
+    workload = [bs.Request(0.0, [1, 2, 3], 3), bs.Request(0.3, [4, 5, 6], 3)]
+    trace = bs.drive(_engine(), workload)
+    assert trace.token_times[1][0] >= 0.3 and trace.wall_s >= 0.3
+    s = bs.summarize(trace, 2)
+    assert 0 <= s["ttft_p50_s"] <= s["ttft_p99_s"]
+    # The first request ran alone (3 steps), the engine idled, then the second ran alone: half the slots.
+    assert trace.running == [1] * 6 and s["occupancy_mean"] == 0.5
+
+
+def _check_summary(s: dict, gen_tokens: int, requests: int) -> None:
+    for key in FIGURES:
+        assert s[key] is not None and math.isfinite(s[key]) and s[key] > 0, (key, s[key])
+    assert s["generated_tokens"] == gen_tokens and s["requests"] == requests  # EOS off: every token asked for
+    assert s["throughput_tok_s"] == pytest.approx(s["generated_tokens"] / s["wall_s"])
+    assert 0 < s["occupancy_mean"] <= 1
+    assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] <= s["itl_p99_s"]
+
+
+def test_run_reports_every_figure(capsys):
+    pytest.importorskip("transformers")
+    r = bs.main(**SMALL, compare_hf=True)
+    w = r["workload"]
+    assert w["requests"] == 6 and r["max_seq_len"] == 41  # the 40-token prompt and its one token
+    workload = bs.make_workload(6, (4, 20), (2, 10), 512, seed=0)
+    assert w["gen_tokens"] == sum(x.max_gen_len for x in workload) and w["prompt_tokens"] == sum(len(x.prompt) for x in workload)
+    for mode in ("offline", "poisson"):
+        for policy in ("continuous", "static"):
+            _check_summary(r[mode][policy], w["gen_tokens"], 6)
+        ratio = r[mode]["continuous"]["throughput_tok_s"] / r[mode]["static"]["throughput_tok_s"]
+        assert r["speedup_continuous_over_static"][mode] == pytest.approx(ratio)
+    assert r["poisson"]["arrival_rate"] == 50.0
+    # Greedy, EOS off: the policies only change which requests share a step, not a request's tokens.
+    assert r["static_tokens_equal"] == 1.0
+    hf = r["hf"]
+    _check_summary(hf["offline"], w["gen_tokens"], 6)
+    assert hf["tokens_equal"] == 1.0  # the same weights, float32, greedy, left padding masked out
+    for policy in ("continuous", "static"):
+        expected = r["offline"][policy]["throughput_tok_s"] / hf["offline"]["throughput_tok_s"]
+        assert r["speedup_over_hf"][policy] == pytest.approx(expected)
+    chunks = r["join"]["chunks"]
+    assert [c["prefill_chunk"] for c in chunks] == [8, 32] and r["join"]["prompt_len"] == 40
+    for c in chunks:
+        assert c["running"] == 2 and c["gaps_during"] >= 2 * math.ceil(40 / c["prefill_chunk"]) - 2
+        for key in ("itl_p50_s", "itl_p99_s", "itl_max_s", "itl_before_p50_s", "long_ttft_s"):
+            assert math.isfinite(c[key]) and c[key] > 0, (c, key)
+        assert c["itl_p50_s"] <= c["itl_p99_s"] <= c["itl_max_s"]
+    assert r["graphs_compiled_during_timed_runs"] == 0
+    table = capsys.readouterr().out
+    assert "offline: all 6 at once" in table and "Poisson arrivals, 50 requests/s" in table
+    assert "a 40-token prompt joins 2 running requests" in table and "cont/HF" in table
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["-m", "llama.bench_serving"] + [f"--{k}={v}" for k, v in SMALL.items() if k != "join_chunks"]
+    args += ["--join_chunks", "16", "--arrival_rate", "0", "--repeats", "2", "--json", out]
+    proc = launch(args, timeout=180)
+    check_exit(proc)
+    r = json.loads(out.read_text())
+    assert "poisson" not in r and "hf" not in r and r["repeats"] == 2
+    assert [c["prefill_chunk"] for c in r["join"]["chunks"]] == [16]
+    for policy in ("continuous", "static"):
+        s = r["offline"][policy]
+        _check_summary(s, r["workload"]["gen_tokens"], 6)
+        assert len(s["walls_s"]) == 2 and s["wall_s"] == min(s["walls_s"])
+    assert "offline: all 6 at once" in proc.stdout and "{" not in proc.stdout
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="gen_min must be at least 2"):
+        bs.run(**{**SMALL, "gen_min": 1})
+    with pytest.raises(ValueError, match="prompt_max must be an integer >= prompt_min"):
+        bs.run(**{**SMALL, "prompt_max": 3})
+    with pytest.raises(ValueError, match="max_seq_len must be an integer >= 41"):
+        bs.run(**SMALL, max_seq_len=40)
+    with pytest.raises(ValueError, match=r"join_chunks\[1\] must be a positive integer"):
+        bs.run(**{**SMALL, "join_chunks": (8, 0)})
+    with pytest.raises(ValueError, match="arrival_rate"):
+        bs.run(**{**SMALL, "arrival_rate": -1})
