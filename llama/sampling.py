@@ -62,16 +62,26 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
 
 
-def sample_top_p(probs: torch.Tensor, p, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probability mass reaches p.
+def nucleus(probs: torch.Tensor, p) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens whose probability mass reaches p, renormalised.
 
-    probs: (bsz, vocab); p: a number, or a tensor (bsz, 1) with one per row. Returns token ids (bsz, 1).
+    probs: (bsz, vocab); p: a number, or a tensor (bsz, 1) with one per row. Returns the sorted,
+    masked probabilities and the token ids they belong to, both (bsz, vocab).
     """
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # A token is dropped when the tokens before it already reach p; the most likely one always stays.
     probs_sort.masked_fill_(probs_sum - probs_sort > p, 0.0)  # not mask indexing, which waits for the GPU
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return probs_sort, probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, p, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability mass reaches p.
+
+    probs: (bsz, vocab); p: a number, or a tensor (bsz, 1) with one per row. Returns token ids (bsz, 1).
+    """
+    probs_sort, probs_idx = nucleus(probs, p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
 
@@ -114,14 +124,14 @@ def next_tokens(
         cut = kth.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k], device=logits.device)[:, None])
         cut = torch.where(_column(top_k, scaled) > 0, cut, torch.full_like(cut, float("-inf")))
         scaled = scaled.masked_fill(scaled < cut, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    top_p = _column([p.top_p for p in rows], probs)
+    probs_sort, probs_idx = nucleus(torch.softmax(scaled, dim=-1), _column([p.top_p for p in rows], scaled))
+    # One draw per row from the sorted nucleus: rows without a generator in one call, in row order.
     shared = [j for j, i in enumerate(sampled) if generators[i] is None]
-    draws = {}
+    draws = torch.empty(len(sampled), 1, dtype=torch.long, device=logits.device)
     if shared:
-        draws.update(zip(shared, sample_top_p(probs[shared], top_p[shared]).reshape(-1)))
+        draws[shared] = torch.multinomial(probs_sort[shared], num_samples=1)
     for j, i in enumerate(sampled):
         if generators[i] is not None:
-            draws[j] = sample_top_p(probs[j : j + 1], top_p[j : j + 1], generators[i]).reshape(())
-    picks = torch.stack([draws[j] for j in range(len(sampled))])
+            draws[j] = torch.multinomial(probs_sort[j : j + 1], num_samples=1, generator=generators[i])[0]
+    picks = torch.gather(probs_idx, -1, draws).reshape(-1)
     return chosen.index_put((torch.tensor(sampled, device=logits.device),), picks)
