@@ -21,7 +21,7 @@ import fire
 import torch
 
 from llama.checkpoint import open_checkpoint, rank_slices
-from llama.distributed import resolve_dtype
+from llama.device import resolve_dtype
 from llama.model import ModelArgs
 
 logger = logging.getLogger(__name__)

@@ -13,13 +13,8 @@ from llama.compiled import CompiledDecodeStep
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
 from llama import quantize as quantization
 from llama.checkpoint import CheckpointError, assign_weights, load_params, open_checkpoint, rank_plan
-from llama.distributed import (
-    global_rank,
-    model_parallel_rank,
-    resolve_device,
-    resolve_dtype,
-    setup_model_parallel,
-)
+from llama.device import resolve_device, resolve_dtype
+from llama.distributed import global_rank, model_parallel_rank, setup_model_parallel
 from llama.hf import resolve_tokenizer_path
 from llama.model import ModelArgs, Transformer
 from llama.engine import Completion, Engine, RequestSpec, StepOutput
