@@ -74,6 +74,8 @@ class StepOutput:
     request_id: int
     new_tokens: List[int]
     text: str
+    logprobs: List[float] = field(default_factory=list)  # of new_tokens, with logprobs or top_logprobs
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)  # at each of new_tokens, with top_logprobs
     finish_reason: Optional[str] = None
     completion: Optional[Completion] = None
     error: Optional[BaseException] = None
@@ -299,7 +301,7 @@ class Engine:
             if i == request_id:
                 self._waiting.remove((i, spec))
                 completion = Completion([], "", [], [], [], len(spec.prompt), "abort")
-                return StepOutput(request_id, [], "", "abort", completion)
+                return StepOutput(request_id, [], "", finish_reason="abort", completion=completion)
         return None
 
     def _admit(self, request_id: int, slot: int, spec: RequestSpec) -> None:
@@ -402,13 +404,15 @@ class Engine:
             found = [i for i in (text.find(s) for s in spec.sampling.stop) if i >= 0]
             if found:
                 request.text_end = min(found)
+                n = len(request.generated)
                 # Keep only the tokens needed to spell the text before the stop string.
                 while len(request.generated) > 1 and len(self.tokenizer.decode(request.generated[:-1])) >= request.text_end:
                     request.generated.pop()
-                return self._finish(request, "stop", new_tokens=[token])
+                return self._finish(request, "stop", new_tokens=[token] if len(request.generated) == n else [])
         if len(request.generated) == request.limit:
             return self._finish(request, "length", new_tokens=[token])
-        return StepOutput(request.id, [token], request.decoder.step(request.generated))
+        return StepOutput(request.id, [token], request.decoder.step(request.generated), request.logprobs[-1:],
+                          request.top_logprobs[-1:])
 
     def _finish(self, request: _Running, reason: str, error: Optional[BaseException] = None,
                 new_tokens: Sequence[int] = ()) -> StepOutput:
@@ -421,4 +425,7 @@ class Engine:
         completion = Completion(request.generated, text, request.logprobs[:n], request.top_logprobs[:n],
                                 request.prompt_logprobs, len(request.spec.prompt), reason)
         delta = request.decoder.emit_until(text, len(text))
-        return StepOutput(request.id, list(new_tokens), delta, reason, completion, error)
+        k = len(new_tokens) if request.logprobs else 0
+        return StepOutput(request.id, list(new_tokens), delta, request.logprobs[len(request.logprobs) - k:],
+                          request.top_logprobs[len(request.top_logprobs) - k:] if request.top_logprobs else [],
+                          reason, completion, error)

@@ -280,3 +280,34 @@ def test_model_parallel_ranks_follow_rank_0s_schedule(tmp_path, stories260k):
     assert len(one) == 5 and one[0][1] == "abort"
     for rank in range(2):
         assert torch.load(f"{out}-mp.rank{rank}.pt") == one
+
+
+def test_a_hundred_prompts_run_with_at_most_max_batch_size_in_flight(tokenizer):
+    llama = scripted_llama(tokenizer, counting, max_batch_size=3)
+    prompts = [[1] + [10 + (7 * i) % 40] * (1 + i % 9) for i in range(100)]
+    stop = [12, 30, 45]  # rows end at different steps: each stops at the first of these it counts to
+    tokens, _, stats = llama.generate(prompts, max_gen_len=11, temperature=0, stop_token_ids=stop, return_stats=True)
+    for p, out, st in zip(prompts, tokens, stats):
+        full = counted(p[-1], 11)
+        end = next((k for k, t in enumerate(full) if t in stop), 11)
+        assert out == full[:end] and st["stop_reason"] == ("stop" if end < 11 else "length")
+    assert 0 < sum(st["stop_reason"] == "stop" for st in stats) < 100
+    assert all(rows <= 3 for rows, _ in llama.model.calls)
+    # Slots refill as rows finish: about 100 * 11 / 3 decode steps, not a padded batch per chunk.
+    decode_steps = sum(1 for rows, n in llama.model.calls if n == 1 and rows > 1)
+    assert decode_steps <= 100 * 11 // 3 + 11
+
+
+def test_step_outputs_carry_each_new_tokens_logprob(stories):
+    llama = stories(2)
+    engine = llama.engine
+    prompt = llama.tokenizer.encode("Once upon a time", True, False)
+    request = engine.add_request(prompt, GREEDY, 6, logprobs=True, top_logprobs=3)
+    outputs = [o for step in run(engine) for o in step if o.request_id == request]
+    streamed_tokens = [t for o in outputs for t in o.new_tokens]
+    streamed_lps = [x for o in outputs for x in o.logprobs]
+    done = outputs[-1].completion
+    assert streamed_tokens == done.tokens and streamed_lps == done.logprobs and len(done.top_logprobs) == 6
+    for token, lp, top in zip(done.tokens, done.logprobs, done.top_logprobs):
+        assert len(top) == 3 and max(top, key=top.get) == token and top[token] == lp  # greedy: the likeliest
+    assert "".join(o.text for o in outputs) == done.text == llama.tokenizer.decode(done.tokens)
