@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from llama.parallel import rank_range, split_dim
+
 # Present in some Llama 2 files; the model computes its own rotary table.
 IGNORED_KEYS = {"rope.freqs"}
 _INT_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"}
@@ -22,19 +24,6 @@ _REQUIRED_PARAMS = {"dim", "n_layers", "n_heads"}
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be loaded as it is."""
-
-
-# How each tensor is split across model-parallel ranks (fairscale's layers; None: replicated):
-# column-parallel weights along dim 0, row-parallel ones and the embedding along dim 1.
-SPLIT_DIM = {
-    "tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
-    "attention_norm": None, "ffn_norm": None, "norm": None,
-}
-
-
-def split_dim(key: str) -> Optional[int]:
-    """The dimension along which a state-dict tensor is split across ranks, or None if replicated."""
-    return SPLIT_DIM.get(key.split(".")[-2])
 
 
 class CheckpointReader(Protocol):
@@ -173,24 +162,19 @@ class TensorSlice:
 
 
 def rank_plan(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: int, world: int) -> Dict[str, TensorSlice]:
-    """This rank's part of every tensor: its 1/world of each split dimension, norms whole.
-
-    With more ranks than kv heads, wk and wv give each rank the one kv head its query heads use.
-    """
+    """This rank's part of every tensor (llama.parallel decides which): its 1/world of each split
+    dimension, or with more ranks than kv heads the one kv head its query heads use; norms whole."""
     plan = {}
     for key in reader.keys():
         dim = split_dim(key)
         if dim is None:
             plan[key] = TensorSlice(reader, key, None)
             continue
-        full = reader.shape(key)[dim]
-        if key.split(".")[-2] in ("wk", "wv") and world > n_kv_heads:
-            start, size = (rank // (world // n_kv_heads)) * head_dim, head_dim
-        else:
-            if full % world:
-                raise CheckpointError(f"tensor {key!r} of size {full} along dim {dim} does not split over {world} ranks")
-            start, size = rank * (full // world), full // world
-        plan[key] = TensorSlice(reader, key, dim, start, start + size)
+        try:
+            start, stop = rank_range(key, reader.shape(key)[dim], n_kv_heads, head_dim, rank, world)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        plan[key] = TensorSlice(reader, key, dim, start, stop)
     return plan
 
 

@@ -17,6 +17,7 @@ from llama.device import resolve_device, resolve_dtype
 from llama.distributed import global_rank, model_parallel_rank, setup_model_parallel
 from llama.hf import resolve_tokenizer_path
 from llama.model import ModelArgs, Transformer
+from llama.parallel import parallelize
 from llama.engine import Completion, Engine, RequestSpec, StepOutput
 from llama.sampling import SamplingParams, sample_top_p  # noqa: F401 (sample_top_p: reference API)
 from llama.streaming import TextStream
@@ -130,7 +131,7 @@ class Llama:
         model_args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
         model_args.vocab_size = tokenizer.n_words
         with torch.device("meta"):
-            model = Transformer(model_args)
+            model = parallelize(Transformer(model_args))
         rank = model_parallel_rank()
         if stored is not None:
             quantization.check_stored_request(stored, scheme, model_parallel_size, ckpt_dir)

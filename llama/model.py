@@ -1,19 +1,16 @@
 """The Llama 2 transformer, numerically equal to Meta's reference.
 
-Layers are fairscale's model-parallel ones when the model-parallel group has more
-than one rank, and plain torch layers otherwise; both hold the same state-dict
-keys and shapes per rank, so one checkpoint shard loads into either.
+The model is built for one device, of plain torch layers; llama.parallel.parallelize splits a built
+model over the model-parallel group (fairscale's layers, the same state-dict keys and per-rank
+shapes as Meta's shards, so one checkpoint shard loads into either).
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from llama.distributed import model_parallel_world_size
 
 
 @dataclass
@@ -47,49 +44,16 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
-@contextmanager
-def _fairscale_layers():
-    """fairscale's parallel layers, with their weight initialisation skipped.
-
-    fairscale initialises a slice by building the layer's whole unsharded weight on every rank
-    (and fails inside a meta-device context); checkpoint weights replace it anyway.
-    """
-    from fairscale.nn.model_parallel import layers
-
-    initialize = layers._initialize_affine_weight
-    layers._initialize_affine_weight = lambda *args, **kwargs: None
-    try:
-        yield layers
-    finally:
-        layers._initialize_affine_weight = initialize
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
 
 
-def _column_linear(in_features: int, out_features: int, gather_output: bool) -> nn.Module:
-    """A linear layer whose output features are split across model-parallel ranks."""
-    if model_parallel_world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
-    with _fairscale_layers() as layers:
-        return layers.ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output)
-
-
-def _row_linear(in_features: int, out_features: int) -> nn.Module:
-    """A linear layer whose input features are split across model-parallel ranks."""
-    if model_parallel_world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
-    with _fairscale_layers() as layers:
-        return layers.RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True)
-
-
-def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
-    """A token embedding whose embedding dimension is split across model-parallel ranks."""
-    if model_parallel_world_size() == 1:
-        if torch.get_default_device().type == "meta":
-            # Skip the random initialisation: on the meta device it imports torch._dynamo
-            # (seconds of start-up and ~70 MB), and checkpoint weights replace it anyway.
-            return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
-        return nn.Embedding(num_embeddings, embedding_dim)
-    with _fairscale_layers() as layers:
-        return layers.ParallelEmbedding(num_embeddings, embedding_dim)
+def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    if torch.get_default_device().type == "meta":
+        # Skip the random initialisation: on the meta device it imports torch._dynamo
+        # (seconds of start-up and ~70 MB), and checkpoint weights replace it anyway.
+        return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
+    return nn.Embedding(num_embeddings, embedding_dim)
 
 
 class RMSNorm(nn.Module):
@@ -155,16 +119,14 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        world = model_parallel_world_size()
-        self.n_local_heads = args.n_heads // world
-        # With more ranks than kv heads, each rank holds a copy of the one kv head its query heads use.
-        self.n_local_kv_heads = max(1, args.kv_heads // world)
+        # The heads this device computes: all of them, until llama.parallel.parallelize splits them.
+        self.n_local_heads = args.n_heads
+        self.n_local_kv_heads = args.kv_heads
         self.head_dim = args.head_dim
-        kv_dim = self.n_local_kv_heads * world * self.head_dim
-        self.wq = _column_linear(args.dim, args.n_heads * self.head_dim, gather_output=False)
-        self.wk = _column_linear(args.dim, kv_dim, gather_output=False)
-        self.wv = _column_linear(args.dim, kv_dim, gather_output=False)
-        self.wo = _row_linear(args.n_heads * self.head_dim, args.dim)
+        self.wq = _linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = _linear(args.dim, args.kv_heads * self.head_dim)
+        self.wv = _linear(args.dim, args.kv_heads * self.head_dim)
+        self.wo = _linear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
@@ -186,9 +148,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = _column_linear(dim, hidden_dim, gather_output=False)
-        self.w2 = _row_linear(hidden_dim, dim)
-        self.w3 = _column_linear(dim, hidden_dim, gather_output=False)
+        self.w1 = _linear(dim, hidden_dim)
+        self.w2 = _linear(hidden_dim, dim)
+        self.w3 = _linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -208,6 +170,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _split_for_bench(model: nn.Module) -> None:
+    """Transitional: the benchmark's build_random_model (llama/bench.py, moving to llama/random_model.py)
+    builds Transformer(args) under torchrun and expects it split over the model-parallel group, as the
+    model was before llama/parallel.py. Remove once it calls llama.parallel.parallelize itself.
+    Does nothing without a model-parallel group (a second parallelize, as Llama.build's, does nothing)."""
+    from llama.parallel import parallelize
+
+    parallelize(model)
+
+
 class Transformer(nn.Module):
     """Llama 2. One forward path: tokens with their positions (a prompt chunk or a decode step alike)
     and the KV-cache slot of each row; setup_cache() allocates the cache once."""
@@ -216,25 +188,19 @@ class Transformer(nn.Module):
         super().__init__()
         if params.vocab_size < 1:
             raise ValueError(f"ModelArgs.vocab_size must be set to the tokenizer's size, got {params.vocab_size}")
-        world = model_parallel_world_size()
         if params.n_heads % params.kv_heads:
             raise ValueError(f"n_heads={params.n_heads} must be a multiple of n_kv_heads={params.kv_heads}")
-        if params.n_heads % world or (params.kv_heads % world and world % params.kv_heads):
-            raise ValueError(
-                f"a model with n_heads={params.n_heads} and n_kv_heads={params.kv_heads} does not split over "
-                f"{world} model-parallel ranks: use a number of processes that divides n_heads and divides or "
-                f"is a multiple of n_kv_heads"
-            )
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         self.tok_embeddings = _embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = _column_linear(params.dim, params.vocab_size, gather_output=True)
+        self.output = _linear(params.dim, params.vocab_size)
         # A plain attribute, not a buffer, so that model.half() or .to(dtype) keep it float32.
         # Twice max_seq_len, as in the reference, so positions past it still have angles.
         self.rope = rope_table(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+        _split_for_bench(self)
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
         """Allocate the KV cache (max_batch_size slots of max_seq_len positions, by default the params')

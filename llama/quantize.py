@@ -50,6 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llama.checkpoint import IGNORED_KEYS, CheckpointError, TensorSlice
+from llama.parallel import linear_kind
 
 QUANTIZED_LAYERS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -299,17 +300,15 @@ def _pairs(q: torch.Tensor) -> torch.Tensor:
 
 
 def _parallel_kind(layer: nn.Module) -> Tuple[str, bool]:
-    if isinstance(layer, (nn.Linear, QuantizedLinear)):
-        return getattr(layer, "parallel", "none"), getattr(layer, "gather_output", False)
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(layer, ColumnParallelLinear):
-        return "column", layer.gather_output
-    if isinstance(layer, RowParallelLinear):
-        if not layer.input_is_parallel:
-            raise ValueError("quantizing a RowParallelLinear needs input_is_parallel=True")
-        return "row", False
-    raise TypeError(f"cannot quantize a {type(layer).__name__}")
+    """(parallel, gather_output) of the QuantizedLinear that stands in for layer (llama.parallel.linear_kind)."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.parallel, layer.gather_output
+    kind = linear_kind(layer)
+    if kind is None:
+        raise TypeError(f"cannot quantize a {type(layer).__name__}")
+    if kind[0] == "row" and not layer.input_is_parallel:
+        raise ValueError("quantizing a RowParallelLinear needs input_is_parallel=True")
+    return kind
 
 
 # --- whole models -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from llama.distributed import global_rank
 from llama.quantize import save_quantized
 
 PROMPTS = [[1, 10, 11, 12, 13, 14, 15], [1, 20], [1, 30, 31, 32]]
+LAYOUT_MODULES = ("tok_embeddings", "layers.0.attention.wq", "layers.0.attention.wk", "layers.0.attention.wo",
+                  "layers.0.feed_forward.w1", "layers.0.feed_forward.w2", "output")
 
 
 def main(ckpt_dir: str, tokenizer_path: str, out_prefix: str, quantize: str = None) -> None:
@@ -29,6 +31,13 @@ def main(ckpt_dir: str, tokenizer_path: str, out_prefix: str, quantize: str = No
     controls = {"temperature": 0.9, "top_k": 8, "repetition_penalty": 1.2, "stop": ["zz"], "seed": 11}
     seeded = generator.generate(PROMPTS, max_gen_len=10, **controls)[0]
     streamed = list(generator.stream_text_completion("Hello world", max_gen_len=10, **controls))
+    model = generator.model
+    attention = model.layers[0].attention
+    extra["layout"] = {
+        "types": {name: type(model.get_submodule(name)).__name__ for name in LAYOUT_MODULES},
+        "heads": (attention.n_local_heads, attention.n_local_kv_heads),
+        "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
+    }
     torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "seeded": seeded, "streamed": streamed, **extra}, f"{out_prefix}.rank{global_rank()}.pt")
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import CheckpointError
-from tests.checkpoints import random_state_dict, tiny_params, write_checkpoint
+from llama.checkpoint import CheckpointError, MetaCheckpoint, rank_plan
+from llama.parallel import split_dim
+from tests.checkpoints import SPLIT_DIM, random_state_dict, tiny_params, write_checkpoint
 
 
 @pytest.fixture
@@ -174,3 +175,13 @@ def test_rope_theta_from_params_json_and_long_context(tmp_path, tiny_tokenizer_p
     torch.testing.assert_close(logits, naive_logits(sd, params, tokens), atol=1e-4, rtol=1e-4)
     with pytest.raises(AssertionError):  # the theta matters
         torch.testing.assert_close(logits, naive_logits(sd, {**params, "rope_theta": 1e4}, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_split_dims_are_those_of_metas_shards(tiny_vocab):
+    for key in random_state_dict(tiny_params(tiny_vocab, n_kv_heads=2)):
+        assert split_dim(key) == SPLIT_DIM[key.split(".")[-2]], key
+
+
+def test_a_tensor_that_does_not_split_over_the_ranks_is_refused(tiny_checkpoints):
+    with pytest.raises(CheckpointError, match="'tok_embeddings.weight' of size 64 along dim 1 does not split over 3 ranks"):
+        rank_plan(MetaCheckpoint(tiny_checkpoints[(None, 1)]), 4, 16, 0, 3)

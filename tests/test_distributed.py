@@ -41,6 +41,23 @@ def test_many_ranks_equal_one_rank(tmp_path, tiny_checkpoints, tiny_tokenizer_pa
         assert torch.equal(other["logits"], rank0["logits"])
         for key in ("greedy", "sampled", "seeded", "streamed"):
             assert other[key] == rank0[key]
+    _check_layout(results, single, tiny_checkpoints[(kv_heads, ranks)] if (kv_heads, ranks) in tiny_checkpoints else None)
+
+
+def _check_layout(results, single, same_shards_checkpoint):
+    """llama.parallel's split: fairscale's layers, this rank's heads, and the per-rank shapes of Meta's shards."""
+    ranks = len(results)
+    assert set(single["layout"]["types"].values()) == {"Embedding", "Linear"}
+    n_heads, n_kv_heads = single["layout"]["heads"]
+    kinds = {"tok_embeddings": "ParallelEmbedding", "layers.0.attention.wo": "RowParallelLinear",
+             "layers.0.feed_forward.w2": "RowParallelLinear"}
+    for r, result in enumerate(results):
+        layout = result["layout"]
+        assert layout["types"] == {name: kinds.get(name, "ColumnParallelLinear") for name in layout["types"]}
+        assert layout["heads"] == (n_heads // ranks, max(1, n_kv_heads // ranks))
+        if same_shards_checkpoint is not None:
+            shard = torch.load(same_shards_checkpoint / f"consolidated.{r:02d}.pth", weights_only=True)
+            assert layout["shapes"] == {k: tuple(v.shape) for k, v in shard.items()}
 
 
 @pytest.fixture(scope="module")

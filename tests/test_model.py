@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
 from llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, rope_table
+from llama.parallel import parallelize
 from tests.checkpoints import random_state_dict, tiny_params
 from tests.naive_llama import naive_logits, rotary
 
@@ -179,3 +181,13 @@ def test_forward_needs_a_cache_set_up_first():
     model.setup_cache()
     with pytest.raises(ValueError, match="3 rows exceeds the KV cache's 2 slots"):
         model(torch.tensor([[1]] * 3), 0)
+
+
+def test_the_model_is_built_for_one_device():
+    """Plain layers and every head; llama.parallel.parallelize splits a model only under a model-parallel group."""
+    model = Transformer(ModelArgs(**tiny_params(VOCAB, n_kv_heads=2), max_seq_len=16, max_batch_size=2))
+    attention = model.layers[0].attention
+    assert (attention.n_local_heads, attention.n_local_kv_heads) == (4, 2)
+    assert type(attention.wk) is nn.Linear and attention.wk.weight.shape == (32, 64)
+    assert type(model.tok_embeddings) is nn.Embedding and type(model.output) is nn.Linear
+    assert parallelize(model) is model and type(attention.wq) is nn.Linear and attention.n_local_heads == 4
