@@ -1,5 +1,6 @@
-"""Reading Meta-layout Llama 2 checkpoints (params.json and consolidated.NN.pth shards) and cutting
-from them the slice of each tensor that one model-parallel rank holds, whatever the shard count."""
+"""Reading Meta-layout Llama 2 checkpoints (params.json and consolidated.NN.pth shards), cutting from
+any checkpoint reader the slice of each tensor that one model-parallel rank holds, whatever the shard
+count, and the one loop that loads planned tensors into a model (load_weights)."""
 
 import json
 import pickle
@@ -183,53 +184,77 @@ def rank_slices(reader: CheckpointReader, n_kv_heads: int, head_dim: int, rank: 
     return {k: s.load() for k, s in rank_plan(reader, n_kv_heads, head_dim, rank, world).items()}
 
 
-def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
-    """A reader for ckpt_dir's weights and its hyperparameters (params.json names): Meta's layout
-    (params.json + consolidated.NN.pth) or a Hugging Face Llama directory (config.json + weights)."""
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; pass --ckpt_dir llama-2-7b (the folder download.sh made)")
-    if (ckpt_dir / "quantization.json").exists():
-        raise CheckpointError(
-            f"{str(ckpt_dir)!r} holds quantized weights (llama.quantize.save_quantized): Llama.build loads it "
-            f"as it is, but it cannot be resharded or converted; convert the original float checkpoint instead"
-        )
-    is_meta = (ckpt_dir / "params.json").exists() or any(ckpt_dir.glob("*.pth"))
-    if not is_meta and (ckpt_dir / "config.json").is_file():
-        from llama.hf import HFCheckpoint
+class StateDictReader:
+    """A dict of whole tensors (a memory-mapped state dict, say) as a CheckpointReader."""
 
-        reader = HFCheckpoint(ckpt_dir)
-        return reader, reader.params
-    return MetaCheckpoint(ckpt_dir), load_params(ckpt_dir)
+    def __init__(self, state: Dict[str, torch.Tensor]):
+        self.state = state
+
+    def keys(self) -> List[str]:
+        return list(self.state)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
+    def read(self, key: str, dim: Optional[int], start: int, stop: int) -> torch.Tensor:
+        tensor = self.state[key]
+        return tensor if dim is None else tensor.narrow(dim, start, stop - start)
 
 
-def assign_weights(
-    model: nn.Module, plan: Dict[str, TensorSlice], source: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
-) -> int:
-    """Read each planned slice, move it to device and dtype and make it the model's parameter.
+def whole_plan(reader: CheckpointReader) -> Dict[str, TensorSlice]:
+    """Every tensor of reader, whole."""
+    return {key: TensorSlice(reader, key, None) for key in reader.keys()}
+
+
+# --- loading planned tensors into a model ---------------------------------------------------------
+
+
+class LoadHook:
+    """What load_weights does with each tensor beyond casting it into place; this base class does nothing
+    more. Quantization (llama.quantize) hooks in here: it replaces layers as their weights are read."""
+
+    description = "Loading weights"
+
+    def expected_shapes(self, model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+        """The name and (per-rank) shape of every tensor the plan must hold."""
+        return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+    def take(self, model: nn.Module, key: str, tensor: torch.Tensor) -> bool:
+        """Make tensor (as read) part of the model; False leaves it to load_weights, which casts and assigns it."""
+        return False
+
+
+def load_weights(model: nn.Module, plan: Dict[str, TensorSlice], source: Path, device: torch.device,
+                 dtype: torch.dtype, hook: Optional[LoadHook] = None, progress: bool = False) -> int:
+    """Read each planned tensor and make it the model's: the hook's way, else moved to device and dtype.
 
     Checks names and shapes first, so nothing is half-loaded. One slice at a time is read, so on
     the way to a GPU the host holds little more than one tensor. The model may live on the meta
-    device. Returns the bytes read.
+    device. source names the checkpoint in errors. Returns the bytes read.
     """
-    expected = model.state_dict()
+    hook = hook or LoadHook()
     plan = {k: v for k, v in plan.items() if k not in IGNORED_KEYS}
-    missing, unexpected = sorted(set(expected) - set(plan)), sorted(set(plan) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{str(source)!r} does not match the model of params.json: "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-    for key, tensor_slice in plan.items():
-        if tensor_slice.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{str(source)!r}: tensor {key!r} has shape {tuple(tensor_slice.shape)} but params.json and the "
-                f"model-parallel size give {tuple(expected[key].shape)}"
-            )
+    _check_plan(source, hook.expected_shapes(model), {k: s.shape for k, s in plan.items()})
     state, bytes_read = {}, 0
-    for key, tensor_slice in tqdm(plan.items(), desc="Loading weights", unit="tensor", disable=not progress or None, leave=False):
+    for key, tensor_slice in tqdm(plan.items(), desc=hook.description, unit="tensor", disable=not progress or None, leave=False):
         tensor = tensor_slice.load()
         bytes_read += tensor.numel() * tensor.element_size()
-        state[key] = tensor.to(device=device, dtype=dtype)
-    model.load_state_dict(state, assign=True)
+        if not hook.take(model, key, tensor):
+            state[key] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=False)  # _check_plan made sure nothing is missing
     return bytes_read
+
+
+def _check_plan(source: Path, expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]) -> None:
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(source)!r} does not match the model of params.json: missing {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(expected[key]):
+            raise CheckpointError(
+                f"{str(source)!r}: tensor {key!r} has shape {tuple(shape)} but params.json and the "
+                f"model-parallel size give {tuple(expected[key])}"
+            )

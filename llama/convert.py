@@ -20,8 +20,9 @@ from typing import Dict, Iterator, Optional
 import fire
 import torch
 
-from llama.checkpoint import open_checkpoint, rank_slices
+from llama.checkpoint import rank_slices
 from llama.device import resolve_dtype
+from llama.loading import open_checkpoint
 from llama.model import ModelArgs
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ import torch
 from llama.compiled import CompiledDecodeStep
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
 from llama import quantize as quantization
-from llama.checkpoint import CheckpointError, assign_weights, load_params, open_checkpoint, rank_plan
 from llama.device import resolve_device, resolve_dtype
-from llama.distributed import global_rank, model_parallel_rank, setup_model_parallel
+from llama.distributed import global_rank, setup_model_parallel
 from llama.hf import resolve_tokenizer_path
+from llama.loading import BuildSource
 from llama.model import ModelArgs, Transformer
 from llama.parallel import parallelize
 from llama.engine import Completion, Engine, RequestSpec, StepOutput
@@ -107,41 +107,18 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         scheme = quantization.parse_quantize(quantize)
-        ckpt_dir = Path(ckpt_dir)
-        stored = quantization.stored_quantization(ckpt_dir)
-        if scheme is not None or stored is not None:
-            quantization.check_support(scheme or stored["scheme"], device, dtype)
-        reader, params = (None, load_params(ckpt_dir)) if stored else open_checkpoint(ckpt_dir)
+        source = BuildSource.open(Path(ckpt_dir), scheme, device, dtype)
         tokenizer = Tokenizer(resolve_tokenizer_path(str(tokenizer_path)))
 
         model_parallel_size = setup_model_parallel(device, model_parallel_size)
         torch.manual_seed(seed)
 
-        vocab_size = params.get("vocab_size", -1)
-        if vocab_size not in (-1, tokenizer.n_words):
-            raise CheckpointError(
-                f"{str(ckpt_dir)!r} has vocab_size={vocab_size} but the tokenizer {str(tokenizer_path)!r} has "
-                f"{tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
-            )
-        if reader is not None and "tok_embeddings.weight" in reader.keys() and reader.shape("tok_embeddings.weight")[0] != tokenizer.n_words:
-            raise CheckpointError(
-                f"{str(ckpt_dir)!r} has embeddings for {reader.shape('tok_embeddings.weight')[0]} tokens but the "
-                f"tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} pieces; use the tokenizer.model that came with this checkpoint"
-            )
-        model_args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        source.check_vocab(tokenizer_path, tokenizer.n_words)
+        model_args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **source.params)
         model_args.vocab_size = tokenizer.n_words
         with torch.device("meta"):
             model = parallelize(Transformer(model_args))
-        rank = model_parallel_rank()
-        if stored is not None:
-            quantization.check_stored_request(stored, scheme, model_parallel_size, ckpt_dir)
-            bytes_read = quantization.load_quantized(model, ckpt_dir, stored, rank, device, dtype)
-        else:
-            plan = rank_plan(reader, model_args.kv_heads, model_args.head_dim, rank, model_parallel_size)
-            if scheme is not None:
-                bytes_read = quantization.load_and_quantize(model, plan, ckpt_dir, device, dtype, scheme, progress=global_rank() == 0)
-            else:
-                bytes_read = assign_weights(model, plan, ckpt_dir, device, dtype, progress=global_rank() == 0)
+        bytes_read = source.load_rank_weights(model, scheme, device, dtype, progress=global_rank() == 0)
         model.eval()
         logger.info(
             "Loaded %s (%.2f GB read by this rank) in %.2f s on %s (%s), model-parallel size %d, world size %d",

@@ -193,3 +193,16 @@ def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quanti
     (resharded / "quantization.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid quantization description"):
         build(resharded, tiny_tokenizer_path)
+
+
+def test_quantized_shard_not_matching_the_model(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
+    out = save_quantized(build(tiny_checkpoints[(2, 1)], tiny_tokenizer_path, quantize="int8"), tmp_path / "q")
+    shard = out / "quantized.00.pt"
+    state = torch.load(shard, weights_only=True)
+    torch.save({**state, "layers.0.attention.wq.scales": state["layers.0.attention.wq.scales"][:-1]}, shard)
+    with pytest.raises(CheckpointError, match=r"quantized.00.pt'?: tensor 'layers.0.attention.wq.scales' has shape \(63,\)"):
+        build(out, tiny_tokenizer_path)
+    del state["layers.1.feed_forward.w2.qweight"]
+    torch.save(state, shard)
+    with pytest.raises(CheckpointError, match=r"missing \['layers.1.feed_forward.w2.qweight'\]"):
+        build(out, tiny_tokenizer_path)
