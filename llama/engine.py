@@ -164,6 +164,7 @@ class Engine:
         self._slots: List[Optional[int]] = [None] * model.cache_shape[0]  # request id in each slot
         self._aborts: List[int] = []
         self._seen: Optional[torch.Tensor] = None  # (slots, vocab): tokens in each sequence, for repetition penalties
+        self._counts: Optional[torch.Tensor] = None  # (slots, vocab): tokens each request generated, for OpenAI's penalties
 
     @property
     def device(self) -> torch.device:
@@ -319,6 +320,10 @@ class Engine:
                 self._seen = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.bool, device=self.device)
             self._seen[slot] = False
             self._seen[slot, torch.tensor(spec.prompt, device=self.device)] = True
+        if spec.sampling.counts_tokens:
+            if self._counts is None:
+                self._counts = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.int32, device=self.device)
+            self._counts[slot] = 0
 
     # The model ---------------------------------------------------------------------------------------
 
@@ -375,12 +380,14 @@ class Engine:
     def _sample(self, rows: List[_Running], logits: torch.Tensor) -> List[int]:
         if not rows:
             return []
-        seen = None
-        if self._seen is not None:
-            seen = self._seen[torch.tensor([r.slot for r in rows], device=self.device)]
-        tokens = next_tokens(logits, [r.spec.sampling for r in rows], [r.generator for r in rows], seen)
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        seen = None if self._seen is None else self._seen[slots]
+        counts = None if self._counts is None else self._counts[slots]
+        tokens = next_tokens(logits, [r.spec.sampling for r in rows], [r.generator for r in rows], seen, counts)
         if seen is not None:
-            self._seen[torch.tensor([r.slot for r in rows], device=self.device), tokens] = True
+            self._seen[slots, tokens] = True
+        if counts is not None:
+            self._counts[slots, tokens] += 1
         return tokens.tolist()
 
     # Results -----------------------------------------------------------------------------------------

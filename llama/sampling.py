@@ -33,6 +33,9 @@ class SamplingParams:
     stop: strings that end generation when they appear in the decoded text, which is cut before them.
     seed: None uses torch's global generator (seeded by Llama.build); an int makes this call
         reproducible on its own, on any world size.
+    frequency_penalty, presence_penalty: OpenAI's additive penalties in [-2, 2] over the tokens
+        generated so far: a token's logit loses frequency_penalty per time it was generated, and
+        presence_penalty once if it was. 0 is off.
     """
 
     temperature: float = 0.6
@@ -41,6 +44,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: Tuple[str, ...] = ()
     seed: Optional[int] = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self):
         if not _is_number(self.temperature) or not self.temperature >= 0 or math.isinf(self.temperature):
@@ -60,6 +65,15 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number from -2 to 2 (0 is off), got {value!r}")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs the counts of generated tokens."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 def nucleus(probs: torch.Tensor, p) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -102,16 +116,22 @@ def next_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[Optional[torch.Generator]],
     seen: Optional[torch.Tensor] = None,
+    counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The next token (bsz,) of each row of last-position logits (bsz, vocab), each row with its own settings.
 
     Row i samples with params[i] and draws from generators[i]; rows whose generator is None draw
     together, in row order, from torch's global generator (as Meta's reference does for a batch).
-    seen (bsz, vocab) marks the tokens already in each sequence, for rows with a repetition penalty.
+    seen (bsz, vocab) marks the tokens already in each sequence, for rows with a repetition penalty;
+    counts (bsz, vocab) counts the tokens each row generated, for frequency and presence penalties.
     """
     penalties = [p.repetition_penalty for p in params]
     if any(x != 1.0 for x in penalties):
         logits = apply_repetition_penalty(logits, seen, _column(penalties, logits))
+    if any(p.counts_tokens for p in params):
+        counts = counts.to(logits.dtype)
+        logits = logits - _column([p.frequency_penalty for p in params], logits) * counts \
+            - _column([p.presence_penalty for p in params], logits) * (counts > 0).to(logits.dtype)
     chosen = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:

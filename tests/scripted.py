@@ -24,6 +24,7 @@ class ScriptedModel(torch.nn.Module):
         self.tok_embeddings = torch.nn.Embedding(1, 1)
         self.cache_shape = None
         self.calls, self.prefills = [], []
+        self.margin = 10.0  # the script's logit; every other token's is 0
 
     def setup_cache(self):
         self.cache_shape = (self.params.max_batch_size, self.params.max_seq_len)
@@ -49,7 +50,7 @@ class ScriptedModel(torch.nn.Module):
             slot = int(slots[row])
             self.tokens[slot, positions[row]] = tokens[row]
             for i in range(seqlen):
-                logits[row, i, self._next(slot, int(positions[row, i]))] = 10.0
+                logits[row, i, self._next(slot, int(positions[row, i]))] = self.margin
         return logits[:, -1:] if last_only else logits
 
 

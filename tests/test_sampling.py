@@ -171,3 +171,37 @@ def test_bad_sampling_controls_are_refused(generator, kwargs, match):
         generator.stream_text_completion("hi", max_gen_len=2, **kwargs)
     with pytest.raises(ValueError, match=match):
         generator.stream_chat_completion([{"role": "user", "content": "hi"}], max_gen_len=2, **kwargs)
+
+
+def test_frequency_and_presence_penalties_by_hand():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0]])
+    counts = torch.tensor([[3, 1, 0, 0]])
+    # Token 0: 2.0 - 0.5 * 3 - 0.25 = 0.25; token 1: 1.5 - 0.5 - 0.25 = 0.75; unseen ones stay.
+    params = SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
+    assert next_tokens(logits, [params], [None], counts=counts).tolist() == [2]
+    lenient = SamplingParams(temperature=0, frequency_penalty=-0.5)
+    assert next_tokens(torch.tensor([[1.0, 1.2]]), [lenient], [None], counts=torch.tensor([[1, 0]])).tolist() == [0]
+    for bad in (2.5, float("nan"), "1"):
+        with pytest.raises(ValueError, match="frequency_penalty must be a number from -2 to 2"):
+            SamplingParams(frequency_penalty=bad)
+        with pytest.raises(ValueError, match="presence_penalty"):
+            SamplingParams(presence_penalty=bad)
+
+
+def test_the_engine_counts_generated_tokens_for_the_penalties(tiny_tokenizer):
+    # The script repeats token 30 with a logit of 3 (every other token 0): once generated, penalties of 2 + 2 put
+    # it below the rest, and the argmax moves to token 0, then (0 penalised too) to token 1.
+    llama = scripted_llama(tiny_tokenizer, [[0] * 2 + [30] * 10], max_batch_size=1)
+    llama.model.margin = 3.0
+    assert llama.generate([[1, 2]], max_gen_len=3, temperature=0)[0][0] == [30, 30, 30]
+    engine = llama.engine
+    rid = engine.add_request([1, 2], SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0), 3)
+    out = {}
+    while engine.has_work():
+        out.update({o.request_id: o for o in engine.step() if o.finished})
+    assert out[rid].completion.tokens == [30, 0, 1]
+    # A later request in the same slot starts from fresh counts.
+    again = engine.add_request([1, 2], SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0), 2)
+    while engine.has_work():
+        out.update({o.request_id: o for o in engine.step() if o.finished})
+    assert out[again].completion.tokens == [30, 0]
