@@ -120,11 +120,13 @@ class _Running:
 
 @dataclass
 class _Plan:
-    """One step's decisions: aborted ids, admissions (id, slot, spec) and prompt chunks (id, tokens)."""
+    """One step's decisions: aborted ids, admissions (id, slot, spec), prompt chunks (id, tokens), and
+    whether rank 0 has closed the engine (the other ranks' follow() then returns)."""
 
     aborts: List[int]
     admits: List[Tuple[int, int, RequestSpec]]
     chunks: List[Tuple[int, int]]
+    closed: bool = False
 
 
 class Engine:
@@ -163,6 +165,7 @@ class Engine:
         self._requests: Dict[int, _Running] = {}  # admitted ones, by id
         self._slots: List[Optional[int]] = [None] * model.cache_shape[0]  # request id in each slot
         self._aborts: List[int] = []
+        self.closed = False
         self._seen: Optional[torch.Tensor] = None  # (slots, vocab): tokens in each sequence, for repetition penalties
         self._counts: Optional[torch.Tensor] = None  # (slots, vocab): tokens each request generated, for OpenAI's penalties
 
@@ -222,6 +225,18 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._requests or self._aborts)
 
+    def follow(self) -> None:
+        """On the ranks other than 0 of a model-parallel server: step as rank 0 does (each step waits for
+        rank 0's plan, which carries the requests it admits) until rank 0 calls close(). Rank 0 steps
+        at least every few seconds while idle, so no collective times out."""
+        while not self.closed:
+            self.step()
+
+    def close(self) -> None:
+        """On rank 0: end the other ranks' follow() (one more step carries the news)."""
+        self.closed = True
+        self.step()
+
     @property
     def num_running(self) -> int:
         return len(self._requests)
@@ -280,7 +295,7 @@ class Engine:
                 break
             chunks.append((request_id, min(need, budget)))
             budget -= chunks[-1][1]
-        return _Plan(aborts, admits, chunks)
+        return _Plan(aborts, admits, chunks, self.closed)
 
     def _share(self, plan: _Plan) -> _Plan:
         """Under model parallelism every rank takes rank 0's plan."""
@@ -291,6 +306,7 @@ class Engine:
         box = [plan if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         plan = box[0]
+        self.closed = plan.closed
         # Requests rank 0 admitted are queued here too (the same program ran on every rank) or come from the plan.
         admitted = {i for i, _, _ in plan.admits} | set(plan.aborts)
         self._waiting = deque((i, s) for i, s in self._waiting if i not in admitted)
