@@ -1,0 +1,260 @@
+"""An OpenAI-compatible HTTP server on the continuous-batching engine, with Prometheus metrics and a chat page.
+
+    python -m llama.server --ckpt_dir DIR --tokenizer_path FILE [--port 8000] [--api_key KEY]
+    torchrun --nproc_per_node 2 -m llama.server --ckpt_dir DIR ...   (rank 0 serves; every rank steps)
+"""
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from importlib import resources
+from pathlib import Path
+from typing import AsyncIterator, Callable, List, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from llama import openai_api as api
+from llama.engine import StepOutput
+from llama.serving import EngineLoop, QueueFull, ShuttingDown
+
+logger = logging.getLogger("llama.server")
+
+
+def create_app(loop: EngineLoop, tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI app serving loop's engine as model_name; with api_key, /v1 needs "Authorization: Bearer <key>"."""
+    app = FastAPI(title="llama", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                error = api.APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                     type="authentication_error", code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(api.APIError)
+    async def api_error(request: Request, error: api.APIError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(loop.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llama"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return (resources.files("llama") / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        parsed = api.parse_completion(await _json(request), loop.engine, tokenizer, model_name)
+        return await _respond(request, loop, parsed, "cmpl", _completion_stream(tokenizer), api.completion_choice, tokenizer)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        parsed = api.parse_chat(await _json(request), loop.engine, tokenizer, model_name)
+        return await _respond(request, loop, parsed, "chatcmpl", _chat_stream(tokenizer), api.chat_choice, tokenizer)
+
+    return app
+
+
+async def _json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise api.APIError(400, f"the request body is not valid JSON: {e}") from e
+
+
+async def _respond(request: Request, loop: EngineLoop, parsed: api.Parsed, prefix: str, stream_chunks: Callable,
+                   make_choice: Callable, tokenizer):
+    """Run the parsed request's choices; a JSON response, or server-sent events with stream."""
+    events: asyncio.Queue = asyncio.Queue()
+    aio = asyncio.get_running_loop()
+    keys: List[int] = []
+    try:
+        for index, spec in enumerate(parsed.specs):
+            if spec is not None:
+                keys.append(loop.submit(spec, lambda out, i=index: aio.call_soon_threadsafe(events.put_nowait, (i, out))))
+    except QueueFull as e:
+        _abort(loop, keys)
+        raise api.APIError(429, str(e), type="rate_limit_exceeded", code="queue_full") from e
+    except ShuttingDown as e:
+        _abort(loop, keys)
+        raise api.APIError(503, str(e), type="server_error") from e
+    meta = {"id": api.new_id(prefix), "created": parsed.created, "model": parsed.model}
+    if parsed.stream:
+        body = _events(loop, keys, parsed, events, stream_chunks, meta)
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    done = await _gather(request, loop, keys, parsed, events)
+    choices = [make_choice(parsed, tokenizer, i, c) for i, c in enumerate(done)]
+    obj = "text_completion" if prefix == "cmpl" else "chat.completion"
+    return {**meta, "object": obj, "choices": choices, "usage": api.usage(parsed, done)}
+
+
+def _abort(loop: EngineLoop, keys: List[int]) -> None:
+    for key in keys:
+        loop.abort(key)
+
+
+async def _gather(request: Request, loop: EngineLoop, keys: List[int], parsed: api.Parsed, events: asyncio.Queue):
+    """Every choice's Completion (None for a refused dialog); aborts all if the client goes away."""
+    done = [None] * len(parsed.specs)
+    left = len(keys)
+    try:
+        while left:
+            try:
+                index, out = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError("client disconnected")
+                continue
+            if out.error is not None:
+                raise api.APIError(500, f"the engine failed on this request: {out.error}", type="server_error")
+            if out.finished:
+                done[index], left = out.completion, left - 1
+    except BaseException:
+        _abort(loop, keys)
+        raise
+    return done
+
+
+async def _events(loop: EngineLoop, keys: List[int], parsed: api.Parsed, events: asyncio.Queue,
+                  stream_chunks: Callable, meta: dict) -> AsyncIterator[str]:
+    """Server-sent events: the chunks of every choice as they come, the usage chunk, then [DONE]."""
+    done = [None] * len(parsed.specs)
+    left = len(keys)
+    try:
+        for index, spec in enumerate(parsed.specs):
+            for chunk in stream_chunks(parsed, index, None, start=True):
+                yield _sse(meta, chunk, parsed)
+        while left:
+            index, out = await events.get()
+            if out.error is not None:
+                error = api.APIError(500, f"the engine failed on this request: {out.error}", type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                break
+            for chunk in stream_chunks(parsed, index, out):
+                yield _sse(meta, chunk, parsed)
+            if out.finished:
+                done[index], left = out.completion, left - 1
+        else:
+            if parsed.include_usage:
+                yield _sse(meta, {"choices": [], "usage": api.usage(parsed, done)}, parsed, usage_chunk=True)
+        yield "data: [DONE]\n\n"
+    finally:
+        _abort(loop, keys)  # finished keys are ignored; a client gone mid-stream frees its slots
+
+
+def _sse(meta: dict, chunk: dict, parsed: api.Parsed, usage_chunk: bool = False) -> str:
+    obj = "text_completion" if meta["id"].startswith("cmpl") else "chat.completion.chunk"
+    payload = {**meta, "object": obj, **chunk}
+    if parsed.include_usage and not usage_chunk:
+        payload["usage"] = None
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _completion_stream(tokenizer) -> Callable:
+    def chunks(parsed: api.Parsed, index: int, out: Optional[StepOutput], start: bool = False):
+        if start:
+            if parsed.echo:
+                yield {"choices": [{"index": index, "text": tokenizer.decode(parsed.prompts[index // parsed.n]),
+                                    "logprobs": None, "finish_reason": None}]}
+            return
+        if not out.text and not out.finished and not (out.new_tokens and parsed.logprobs is not None):
+            return
+        logprobs = None
+        if parsed.logprobs is not None and out.new_tokens:
+            logprobs = api.completion_logprobs(tokenizer, out.new_tokens, out.logprobs, out.top_logprobs)
+        reason = api.finish_reason(out.finish_reason) if out.finished else None
+        yield {"choices": [{"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason}]}
+
+    return chunks
+
+
+def _chat_stream(tokenizer) -> Callable:
+    def chunks(parsed: api.Parsed, index: int, out: Optional[StepOutput], start: bool = False):
+        if start:
+            yield {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]}
+            if parsed.specs[index] is None:  # refused: the reply chat_completion gives, at once
+                yield {"choices": [{"index": index, "delta": {"content": api.UNSAFE_ERROR}, "logprobs": None,
+                                    "finish_reason": "stop"}]}
+            return
+        if not out.text and not out.finished and not (out.new_tokens and parsed.logprobs is not None):
+            return
+        logprobs = None
+        if parsed.logprobs is not None and out.new_tokens:
+            logprobs = api.chat_logprobs(tokenizer, out.new_tokens, out.logprobs, out.top_logprobs)
+        reason = api.finish_reason(out.finish_reason) if out.finished else None
+        delta = {"content": out.text} if out.text else {}
+        yield {"choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
+    return chunks
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    max_seq_len: int = 2048,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    compile: bool = False,
+    quantize: Optional[str] = None,
+    model_name: Optional[str] = None,
+    api_key: Optional[str] = None,
+    max_queue: int = 256,
+    prefill_chunk: int = 512,
+    log_level: str = "info",
+) -> None:
+    """Serve a checkpoint over OpenAI's API. api_key defaults to the LLAMA_API_KEY environment variable;
+    model_name to the checkpoint folder's name."""
+    import uvicorn
+
+    from llama import Llama
+    from llama.distributed import global_rank
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s: %(message)s")
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed and global_rank() != 0 and os.environ.get("RANK", "0") != "0":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 ends the job: its close() ends follow()
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
+                            compile=compile, quantize=quantize)
+    engine = generator.engine
+    engine.prefill_chunk = prefill_chunk
+    if global_rank() != 0:
+        engine.follow()
+        return
+    loop = EngineLoop(engine, max_queue=max_queue, heartbeat_s=5.0 if distributed else None).start()
+    name = model_name or Path(ckpt_dir).resolve().name
+    app = create_app(loop, generator.tokenizer, name, api_key or os.environ.get("LLAMA_API_KEY") or None)
+
+    @app.on_event("startup")
+    async def ready():
+        logger.info("serving %s at http://%s:%d (OpenAI API under /v1, chat page at /)", name, host, port)
+
+    @app.on_event("shutdown")
+    async def stop():
+        await asyncio.to_thread(loop.stop, 30.0)
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
