@@ -174,7 +174,7 @@ def parse_chat(body: Any, engine: Engine, tokenizer, model_name: str) -> Parsed:
     try:
         (prompt,) = encode_dialogs(tokenizer, [dialog])
     except (ValueError, TypeError, UnicodeError) as e:
-        raise _bad("messages", str(e)) from e
+        raise _bad("messages", f"messages: {e}") from e
     want_logprobs = _get(body, "logprobs", bool, False, expected="a boolean")
     top = _get(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20, "an integer from 0 to 20")
     if top and not want_logprobs:
@@ -211,7 +211,7 @@ def usage(parsed: Parsed, completions: List[Optional[Completion]]) -> dict:
 
 def completion_logprobs(tokenizer, tokens: List[int], lps: List[Optional[float]], tops: List[dict], start: int = 0) -> dict:
     """The completions API's logprobs object for tokens; text offsets count from start."""
-    pieces = [tokenizer.decode([t]) for t in tokens]
+    pieces = [tokenizer.token_text(t) for t in tokens]
     offsets, at = [], start
     for piece in pieces:
         offsets.append(at)
@@ -219,15 +219,14 @@ def completion_logprobs(tokenizer, tokens: List[int], lps: List[Optional[float]]
     return {
         "tokens": pieces,
         "token_logprobs": lps,
-        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in top.items()} for top in tops] if tops else None,
+        "top_logprobs": [{tokenizer.token_text(t): lp for t, lp in top.items()} for top in tops] if tops else None,
         "text_offset": offsets,
     }
 
 
 def chat_logprobs(tokenizer, tokens: List[int], lps: List[float], tops: List[dict]) -> dict:
     def entry(token: int, lp: float) -> dict:
-        text = tokenizer.decode([token])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"token": tokenizer.token_text(token), "logprob": lp, "bytes": list(tokenizer.token_bytes(token))}
 
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in (tops[i].items() if tops else [])]}
                         for i, (t, lp) in enumerate(zip(tokens, lps))]}

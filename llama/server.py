@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import AsyncIterator, Callable, List, Optional
@@ -24,9 +25,18 @@ from llama.serving import EngineLoop, QueueFull, ShuttingDown
 logger = logging.getLogger("llama.server")
 
 
-def create_app(loop: EngineLoop, tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI app serving loop's engine as model_name; with api_key, /v1 needs "Authorization: Bearer <key>"."""
-    app = FastAPI(title="llama", docs_url=None, redoc_url=None)
+def create_app(loop: EngineLoop, tokenizer, model_name: str, api_key: Optional[str] = None, url: str = "") -> FastAPI:
+    """The FastAPI app serving loop's engine as model_name; with api_key, /v1 needs "Authorization: Bearer <key>".
+    On shutdown it stops the loop: running requests get 30 s to finish, then are aborted."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        logger.info("serving %s at %s (OpenAI API under /v1, chat page at /); stop with SIGTERM to pid %d",
+                    model_name, url, os.getpid())
+        yield
+        await asyncio.to_thread(loop.stop, 30.0)
+
+    app = FastAPI(title="llama", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -230,8 +240,9 @@ def main(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s: %(message)s")
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed and global_rank() != 0 and os.environ.get("RANK", "0") != "0":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 ends the job: its close() ends follow()
+    if distributed and os.environ.get("RANK", "0") != "0":
+        for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 ends the job: its close() ends follow()
+            signal.signal(sig, signal.SIG_IGN)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             compile=compile, quantize=quantize)
     engine = generator.engine
@@ -241,17 +252,33 @@ def main(
         return
     loop = EngineLoop(engine, max_queue=max_queue, heartbeat_s=5.0 if distributed else None).start()
     name = model_name or Path(ckpt_dir).resolve().name
-    app = create_app(loop, generator.tokenizer, name, api_key or os.environ.get("LLAMA_API_KEY") or None)
+    app = create_app(loop, generator.tokenizer, name, api_key or os.environ.get("LLAMA_API_KEY") or None,
+                     url=f"http://{host}:{port}")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    _Server(config).run()
 
-    @app.on_event("startup")
-    async def ready():
-        logger.info("serving %s at http://%s:%d (OpenAI API under /v1, chat page at /)", name, host, port)
 
-    @app.on_event("shutdown")
-    async def stop():
-        await asyncio.to_thread(loop.stop, 30.0)
+class _Server:
+    """uvicorn's server, exiting 0 after a graceful shutdown on SIGTERM or SIGINT (uvicorn re-raises the
+    signal once it has shut down, which would end the process with -15)."""
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    def __init__(self, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextmanager
+            def capture_signals(self):
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        self.server = Server(config)
+
+    def run(self) -> None:
+        self.server.run()
 
 
 if __name__ == "__main__":

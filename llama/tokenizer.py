@@ -28,6 +28,13 @@ class Tokenizer:
         """Token ids of s, with BOS prepended and EOS appended when asked."""
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode takes a str, got {type(s).__name__}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": SentencePiece cannot take it
+            raise ValueError(
+                f"the text is not valid Unicode: {e.reason} at character {e.start} ({s[e.start:e.end]!r}); "
+                f"remove it or decode the input with errors='replace'"
+            ) from e
         tokens = self.sp_model.encode(s)
         if bos:
             tokens = [self.bos_id] + tokens
@@ -37,3 +44,16 @@ class Tokenizer:
 
     def decode(self, t: List[int]) -> str:
         return self.sp_model.decode(t)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for in running text (its leading space included)."""
+        piece = self.sp_model.id_to_piece(token)
+        if self.sp_model.is_byte(token):  # byte fallback: "<0xE2>"
+            return bytes([int(piece[3:-1], 16)])
+        if self.sp_model.is_control(token) or self.sp_model.is_unknown(token):
+            return b""
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def token_text(self, token: int) -> str:
+        """One token's text in running text; a byte that is part of a longer character reads as U+FFFD."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")

@@ -24,3 +24,18 @@ def test_missing_and_invalid_model_files(tmp_path):
 def test_encode_takes_only_text(tiny_tokenizer_path):
     with pytest.raises(TypeError, match="str"):
         Tokenizer(str(tiny_tokenizer_path)).encode(b"bytes", bos=True, eos=False)
+
+
+def test_text_that_is_not_valid_unicode_is_a_clear_value_error(tiny_tokenizer_path):
+    tokenizer = Tokenizer(str(tiny_tokenizer_path))
+    with pytest.raises(ValueError, match=r"not valid Unicode: surrogates not allowed at character 3 \('\\ud800'\)"):
+        tokenizer.encode("abc\ud800def", bos=True, eos=False)
+
+
+def test_token_text_and_bytes_spell_the_running_text(llama2_tokenizer_path):
+    tokenizer = Tokenizer(str(llama2_tokenizer_path))
+    text = "Hello world, llamas 🦙!\nBye"
+    ids = tokenizer.encode(text, bos=True, eos=False)
+    assert tokenizer.token_bytes(ids[0]) == b""  # BOS
+    assert b"".join(tokenizer.token_bytes(t) for t in ids).decode("utf-8") == " " + text  # SentencePiece's leading space
+    assert tokenizer.token_text(ids[1]) == " Hello"
