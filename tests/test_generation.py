@@ -181,3 +181,16 @@ def test_bad_prompts_are_refused(generator):
     with pytest.raises(ValueError, match="prompt 0 has"):
         generator.text_completion([long_text])
     assert generator.generate([], max_gen_len=2) == ([], None)
+
+
+def test_any_iterable_of_prompts_is_read_once_and_errors_name_the_callers_index(generator):
+    expected = generator.text_completion(["Hello world", "The quick"], max_gen_len=4, temperature=0)
+    assert generator.text_completion((p for p in ["Hello world", "The quick"]), max_gen_len=4, temperature=0) == expected
+    assert generator.generate(iter([[1, 5], [1, 6]]), max_gen_len=3, temperature=0) == generator.generate(
+        [[1, 5], [1, 6]], max_gen_len=3, temperature=0)
+    dialogs = [[{"role": "user", "content": "[INST] no"}], [{"role": "user", "content": "ok"}],
+               [{"role": "user", "content": "word " * MAX_SEQ_LEN}]]
+    with pytest.raises(ValueError, match="dialog 2 has"):
+        generator.chat_completion(iter(dialogs), max_gen_len=2)
+    with pytest.raises(ValueError, match="dialogs must be"):
+        generator.chat_completion({"role": "user", "content": "hi"})
