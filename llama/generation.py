@@ -18,7 +18,8 @@ from llama.hf import resolve_tokenizer_path
 from llama.loading import BuildSource
 from llama.model import ModelArgs, Transformer
 from llama.parallel import parallelize
-from llama.engine import Completion, Engine, RequestSpec, StepOutput
+from llama.engine import Engine
+from llama.request import Completion, RequestSpec, StepOutput
 from llama.sampling import SamplingParams, sample_top_p  # noqa: F401 (sample_top_p: reference API)
 from llama.streaming import TextStream
 from llama.tokenizer import Tokenizer

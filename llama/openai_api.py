@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from llama.chat_format import UNSAFE_ERROR, encode_dialogs
-from llama.engine import Completion, Engine, RequestSpec, check_prompt
+from llama.engine import Engine
+from llama.request import Completion, RequestSpec, check_prompt
 from llama.sampling import SamplingParams
 
 MAX_N = 16

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llama import openai_api as api
-from llama.engine import StepOutput
+from llama.request import StepOutput
 from llama.serving import EngineLoop, QueueFull, ShuttingDown
 
 logger = logging.getLogger("llama.server")

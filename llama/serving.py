@@ -13,7 +13,8 @@ from typing import Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llama.engine import Engine, RequestSpec, StepOutput
+from llama.engine import Engine
+from llama.request import RequestSpec, StepOutput
 
 logger = logging.getLogger(__name__)
 
