@@ -1,0 +1,396 @@
+"""HTTP serving benchmark: the serving benchmark's mixed workload sent to an OpenAI-compatible server.
+
+    python -m llama.bench_http --url http://127.0.0.1:8000 --concurrency 16          # a running server
+    python -m llama.bench_http --shape 134M --device cpu --dtype float32 --max_batch_size 8 --concurrency 16
+
+The workload is llama.bench_serving's (make_workload: --requests requests of random token ids, prompt
+lengths uniform in [prompt_min, prompt_max], max_tokens uniform in [gen_min, gen_max], seeded), sent
+as streaming completions (token-id prompts, temperature 0) through httpx.AsyncClient, either
+--concurrency at a time (closed loop: a client sends its next request when its reply ends) or, with
+--arrival_rate, as a Poisson process of that many requests/s (open loop). Per request, the time of
+every streamed chunk that carries text is recorded. Reported: throughput (completion tokens from the
+usage chunk over the wall time), time to first token (request sent to first text chunk) and the
+inter-chunk latency (the gap between consecutive text chunks: one token per chunk, except where a
+tokenizer holds back text, such as part of a multi-byte character), p50 and p99.
+
+Without --url, a server on a random model of --shape is started in this process (EngineLoop and the
+FastAPI app of llama.server, uvicorn in a thread) and the same workload also runs directly on an
+engine over the same model (the same concurrency limit or arrival times, stepped in this thread):
+HTTP throughput as a share of the engine's own. Its stand-in tokenizer never emits EOS, so every
+request generates exactly its max_tokens, and its text is the token ids, which are compared with the
+engine's.
+"""
+
+import asyncio
+import json as _json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from llama import bench_serving as bs
+from llama.bench_serving import GREEDY, Request, Trace, make_workload, summarize
+from llama.compiled import CompiledDecodeStep
+from llama.device import resolve_device, resolve_dtype
+from llama.engine import Engine
+from llama.measure import device_name, tokens_equal_share
+from llama.random_model import NoTextTokenizer, build_random_model
+
+
+@dataclass
+class Reply:
+    """One request's reply as the client saw it: times in seconds after the run's start."""
+
+    sent: float
+    chunk_times: List[float]
+    text: str
+    completion_tokens: int
+
+
+# The HTTP client ---------------------------------------------------------------------------------------
+
+
+async def _stream_one(client, model: str, request: Request, start: float) -> Reply:
+    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_gen_len, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter() - start
+    times, pieces, usage = [], [], None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the server answered {response.status_code}: {(await response.aread()).decode()[:500]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            chunk = _json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"the server failed the request: {chunk['error'].get('message')}")
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
+            if text:
+                times.append(time.perf_counter() - start)
+                pieces.append(text)
+    if usage is None:
+        raise RuntimeError("the stream ended without a usage chunk (stream_options.include_usage)")
+    return Reply(sent, times, "".join(pieces), usage)
+
+
+async def _send_all(url: str, model: str, workload: List[Request], concurrency: Optional[int],
+                    headers: dict) -> tuple:
+    """Every request of workload: concurrency at a time, or (None) each at its arrival time. Returns the
+    replies in workload order and the wall time from the start to the end of the last reply."""
+    import httpx
+
+    width = concurrency or len(workload)
+    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+    replies: List[Optional[Reply]] = [None] * len(workload)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(600.0)) as client:
+        gate = asyncio.Semaphore(width)
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            if concurrency is None:
+                await asyncio.sleep(max(0.0, workload[i].arrival - (time.perf_counter() - start)))
+            async with gate:
+                replies[i] = await _stream_one(client, model, workload[i], start)
+
+        await asyncio.gather(*(one(i) for i in range(len(workload))))
+        wall = time.perf_counter() - start
+    return replies, wall
+
+
+def http_trace(replies: List[Reply], wall: float, tokens: Optional[List[List[int]]] = None) -> Trace:
+    """The replies as a bench_serving Trace, for its summarize(): arrivals are the send times, token times
+    the text chunks' times, and tokens the ids when known (else usage's count of stand-ins, -1)."""
+    trace = Trace([r.sent for r in replies])
+    trace.token_times = [r.chunk_times for r in replies]
+    trace.tokens = tokens if tokens is not None else [[-1] * r.completion_tokens for r in replies]
+    trace.wall_s = wall
+    return trace
+
+
+def run_http(url: str, model: str, workload: List[Request], concurrency: Optional[int], slots: int,
+             api_key: Optional[str] = None) -> tuple:
+    """Send the workload; its summary (as bench_serving's summarize) and the replies."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    replies, wall = asyncio.run(_send_all(url, model, workload, concurrency, headers))
+    return summarize(http_trace(replies, wall), slots), replies
+
+
+# The same workload on the engine, no HTTP -----------------------------------------------------------------
+
+
+def drive_closed_loop(engine: Engine, workload: List[Request], concurrency: int) -> Trace:
+    """The workload through engine with at most concurrency requests in it at once: a request is added
+    when one ends (as a client sends its next request). Arrivals are the times requests are added."""
+    trace = Trace([0.0] * len(workload))
+    which = {}
+    start = time.perf_counter()
+    nxt = in_engine = 0
+    while nxt < len(workload) or engine.has_work():
+        while nxt < len(workload) and in_engine < concurrency:
+            r = workload[nxt]
+            trace.arrivals[nxt] = time.perf_counter() - start
+            which[engine.add_request(r.prompt, GREEDY, r.max_gen_len)] = nxt
+            nxt, in_engine = nxt + 1, in_engine + 1
+        outputs = engine.step()
+        t = time.perf_counter() - start
+        for out in outputs:
+            i = which[out.request_id]
+            if out.error is not None:
+                raise RuntimeError(f"request {i} failed") from out.error
+            trace.tokens[i] += out.new_tokens
+            trace.token_times[i] += [t] * len(out.new_tokens)
+            in_engine -= out.finished
+        trace.running.append(engine.num_running + sum(out.finished for out in outputs))
+    trace.wall_s = time.perf_counter() - start
+    return trace
+
+
+# A server in this process -------------------------------------------------------------------------------
+
+
+class InProcessServer:
+    """llama.server's app over an EngineLoop on engine, served by uvicorn in a thread on 127.0.0.1."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, max_queue: int):
+        import uvicorn
+
+        from llama.server import create_app
+        from llama.serving import EngineLoop
+
+        self.loop = EngineLoop(engine, max_queue=max_queue).start()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        app = create_app(self.loop, tokenizer, model_name)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.loop.stop(5.0)
+
+
+def thread_cpu_s() -> Dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native id: Linux's /proc; {} elsewhere."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def _cpu_split(before: Dict[int, float], after: Dict[int, float], named: Dict[str, int]) -> Optional[dict]:
+    """CPU seconds between two thread_cpu_s() readings: of the named threads, and of all the others."""
+    if not after:
+        return None
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    split = {name: used.pop(tid, 0.0) for name, tid in named.items()}
+    return {**split, "other_threads": sum(used.values())}
+
+
+# The benchmark -----------------------------------------------------------------------------------------
+
+
+def _check(concurrency, arrival_rate) -> Optional[int]:
+    """The concurrency limit (None with an arrival rate), or ValueError."""
+    if arrival_rate is not None and arrival_rate != 0:
+        if isinstance(arrival_rate, bool) or not isinstance(arrival_rate, (int, float)) or arrival_rate < 0:
+            raise ValueError(f"arrival_rate must be a number > 0 (or none: --concurrency), got {arrival_rate!r}")
+        return None
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    return concurrency
+
+
+def _server_model(url: str, api_key: Optional[str]) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def _keep_best(best: dict, name: str, summary: dict, *extra) -> None:
+    best.setdefault("walls_s", {}).setdefault(name, []).append(summary["wall_s"])
+    if name not in best or summary["wall_s"] < best[name][0]["wall_s"]:
+        best[name] = (summary, *extra)
+
+
+def _http_only(summary: dict, walls: List[float]) -> dict:
+    """An HTTP summary without the engine's step figures, which a client cannot see."""
+    return {**{k: v for k, v in summary.items() if k not in ("steps", "occupancy_mean")}, "walls_s": walls}
+
+
+def _run_url(url: str, model: Optional[str], api_key: Optional[str], vocab_size: int, workload: List[Request],
+             limit: Optional[int], repeats: int) -> dict:
+    model = model or _server_model(url, api_key)
+    best: dict = {}
+    for _ in range(repeats):
+        _keep_best(best, "http", run_http(url, model, workload, limit, 1, api_key)[0])
+    return {"url": url, "model": model, "vocab_size": vocab_size, "http": _http_only(best["http"][0], best["walls_s"]["http"])}
+
+
+def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Optional[int], repeats: int, name: str,
+                    prefill_chunk: int, decode) -> dict:
+    """A server on net in this process, and an engine driven directly, taking turns on the workload (after the
+    warm workload, untimed, through HTTP)."""
+    slots = net.cache_shape[0]
+    tokenizer = NoTextTokenizer(net.vocab_size)
+    server = InProcessServer(Engine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode), tokenizer, name,
+                             max_queue=max(256, len(workload)))
+    direct = Engine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)  # steps only while the server idles
+    # The threads whose CPU time is reported (the loop's thread is EngineLoop's own; not found, it counts as other).
+    threads = {"client": threading.main_thread().native_id, "http_server": server.thread.native_id,
+               "engine_loop": getattr(getattr(server.loop, "_thread", None), "native_id", None)}
+    best: dict = {}
+    try:
+        run_http(server.url, name, warm, min(limit or slots, len(warm)), slots)
+        for _ in range(repeats):  # the two take turns
+            before = thread_cpu_s()
+            summary, replies = run_http(server.url, name, workload, limit, slots)
+            summary["cpu_s"] = _cpu_split(before, thread_cpu_s(), threads)
+            _keep_best(best, "http", summary, replies)
+            before = thread_cpu_s()
+            trace = drive_closed_loop(direct, workload, limit) if limit else bs.drive(direct, workload)
+            cpu = _cpu_split(before, thread_cpu_s(), {"engine": threading.main_thread().native_id})
+            _keep_best(best, "engine", {**summarize(trace, slots), "cpu_s": cpu}, trace.tokens)
+    finally:
+        server.stop()
+    (http, replies), (engine, engine_tokens) = best["http"], best["engine"]
+    http_tokens = [[int(t) for t in r.text.split()] for r in replies]  # the stand-in tokenizer's text: the ids
+    return {
+        "http": {**_http_only(http, best["walls_s"]["http"]), "chunks": sum(len(r.chunk_times) for r in replies)},
+        "engine": {**engine, "walls_s": best["walls_s"]["engine"]},
+        "http_over_engine_throughput": http["throughput_tok_s"] / engine["throughput_tok_s"],
+        "usage_equals_ids_streamed": all(len(t) == r.completion_tokens for t, r in zip(http_tokens, replies)),
+        "tokens_equal": tokens_equal_share(http_tokens, engine_tokens),
+    }
+
+
+def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None,
+        max_batch_size: int = 8, compile: bool = False, requests: int = 32, concurrency: int = 16,
+        arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
+        gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
+        vocab_size: int = 32000, prefill_chunk: int = 512, repeats: int = 1) -> dict:
+    """Run the HTTP benchmark and return its results (see main for the arguments)."""
+    limit = _check(concurrency, arrival_rate)
+    prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
+    bs._check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, 1, (), repeats, arrival_rate or None)
+    mode = {"concurrency": limit} if limit else {"arrival_rate": arrival_rate}
+    settings = dict(requests=requests, prompt_len=list(prompt_range), max_tokens=list(gen_range), seed=seed,
+                    repeats=repeats, **mode)
+    rate = None if limit else arrival_rate
+    if url is not None:  # a server elsewhere: HTTP figures only
+        workload = make_workload(requests, prompt_range, gen_range, vocab_size, seed, rate)
+        api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
+        return {**settings, **_run_url(url.rstrip("/"), model, api_key, vocab_size, workload, limit, repeats)}
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    net = build_random_model(shape, device, dtype, prompt_max + gen_max, max_batch_size, seed)
+    workload = make_workload(requests, prompt_range, gen_range, net.vocab_size, seed, rate)
+    decode = CompiledDecodeStep(net) if compile else None
+    # Untimed first: the HTTP stack and (with --compile) the decode step warm up on another workload.
+    warm = make_workload(2 * max_batch_size, prompt_range, gen_range, net.vocab_size, seed + 1)
+    results = _run_in_process(net, workload, warm, limit, repeats, f"random-{shape}", prefill_chunk, decode)
+    return {
+        **settings, "shape": shape, "params": sum(p.numel() for p in net.parameters()), "device": str(device),
+        "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "max_batch_size": max_batch_size, "compile": compile,
+        "prefill_chunk": prefill_chunk, "gen_tokens": sum(r.max_gen_len for r in workload), **results,
+        "load_average_1min": None if load_start is None else {"start": load_start, "end": os.getloadavg()[0]},
+    }
+
+
+def _ms(s: dict, name: str) -> str:
+    return f"{s[name + '_p50_s'] * 1e3:.0f} / {s[name + '_p99_s'] * 1e3:.0f}"
+
+
+def format_table(r: dict) -> str:
+    """A readable summary of run()'s results."""
+    mode = (f"{r['concurrency']} concurrent clients" if "concurrency" in r
+            else f"Poisson arrivals, {r['arrival_rate']:g} requests/s")
+    if "url" in r:
+        head = [f"llama.bench_http: {r['url']}, model {r['model']}"]
+    else:
+        head = [f"llama.bench_http: in-process server, shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), "
+                f"{r['dtype']}, device {r['device']}: {r['device_name']}",
+                f"torch {r['torch']}, {r['max_batch_size']} slots, prefill chunk {r['prefill_chunk']}, "
+                f"{'compiled decode step, ' if r['compile'] else ''}greedy, EOS disabled, best of {r['repeats']}"]
+        if r["load_average_1min"]:
+            load = r["load_average_1min"]
+            head.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
+    head.append(f"workload: {r['requests']} streamed completions, prompts {r['prompt_len'][0]}..{r['prompt_len'][1]} tokens, "
+                f"max_tokens {r['max_tokens'][0]}..{r['max_tokens'][1]}, seed {r['seed']}; {mode}")
+    columns = [("HTTP", r["http"])] + ([("engine", r["engine"])] if "engine" in r else [])
+    rows = [("throughput tok/s", lambda s: f"{s['throughput_tok_s']:.1f}"), ("TTFT p50 / p99 ms", lambda s: _ms(s, "ttft")),
+            ("ITL p50 / p99 ms", lambda s: _ms(s, "itl")), ("generated tokens", lambda s: str(s["generated_tokens"])),
+            ("wall s", lambda s: f"{s['wall_s']:.1f}")]
+    lines = head + ["", f"{'':22}" + "".join(f"{name:>14}" for name, _ in columns)]
+    lines += [f"{label:22}" + "".join(f"{show(s):>14}" for _, s in columns) for label, show in rows]
+    if "engine" in r:
+        lines += ["", f"HTTP throughput: {100 * r['http_over_engine_throughput']:.1f}% of the engine's own",
+                  f"greedy tokens over HTTP equal to the engine's: {100 * r['tokens_equal']:.0f}%"]
+        cpu = r["http"].get("cpu_s")
+        if cpu:
+            total = sum(cpu.values())
+            lines.append(f"CPU s in the HTTP run: engine loop {cpu['engine_loop']:.1f}, torch's other threads "
+                         f"{cpu['other_threads']:.1f}, uvicorn {cpu['http_server']:.2f}, client {cpu['client']:.2f} "
+                         f"(HTTP stack {100 * (cpu['http_server'] + cpu['client']) / total:.1f}% of {total:.1f}); "
+                         f"the engine run: {sum(r['engine']['cpu_s'].values()):.1f}")
+    return "\n".join(lines)
+
+
+def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None,
+         max_batch_size: int = 8, compile: bool = False, requests: int = 32, concurrency: int = 16,
+         arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
+         gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
+         vocab_size: int = 32000, prefill_chunk: int = 512, repeats: int = 1, json: Optional[str] = None) -> dict:
+    """HTTP serving benchmark; prints a table and optionally writes JSON.
+
+    url: a running server (its /v1/completions); without it a server on a random model is started in this
+    process and the workload also runs directly on the engine. concurrency: requests in flight at once;
+    arrival_rate: requests/s of a Poisson process instead (no limit in flight). requests, prompt_min/prompt_max,
+    gen_min/gen_max (inclusive; max_tokens), seed: the workload (llama.bench_serving's). repeats: runs, the
+    fastest reported. json: a path to write every figure to.
+    With url: model (default: the first of /v1/models), api_key (default: $LLAMA_API_KEY), vocab_size (the
+    token ids of the random prompts are below it; 32000, Llama 2's).
+    In process: shape (tiny, 134M, 7B, 13B, 70B), device, dtype, max_batch_size (the engine's slots), compile
+    (the torch.compile'd decode step), prefill_chunk.
+    """
+    results = run(url, shape, device, dtype, max_batch_size, compile, requests, concurrency, arrival_rate, prompt_min,
+                  prompt_max, gen_min, gen_max, seed, model, api_key, vocab_size, prefill_chunk, repeats)
+    print(format_table(results), flush=True)
+    if json:
+        with open(json, "w") as f:
+            _json.dump(results, f, indent=2)
+            f.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main, serialize=lambda result: None)  # the table is the output, not the returned dict
