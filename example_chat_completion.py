@@ -1,4 +1,7 @@
-"""Reply to a few dialogs with a Llama 2 chat model, or chat with it (--interactive).
+"""Reply to a few dialogs with a Llama 2 chat model, or chat with it (--interactive). With no weight flags it runs
+the bundled demo model (a tiny story model, not a chat model: its replies are stories).
+
+    python example_chat_completion.py --interactive
 
     torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --device cpu
@@ -21,12 +24,13 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
+from llama.demo import STOP_TOKEN_IDS, weights_or_demo
 from llama.interactive import printer, run_chat, shared_reader, stdin_reader, world_size
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -46,6 +50,10 @@ def main(
     # Only rank 0 reports; torchrun sets RANK for each process.
     is_rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
+    try:
+        ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     # In interactive mode stdout carries only the replies: fairscale's set-up messages go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if interactive else contextlib.nullcontext():
         generator = Llama.build(
@@ -56,6 +64,8 @@ def main(
             device=device,
             dtype=dtype,
         )
+    if demo:
+        generator.engine.stop_token_ids = STOP_TOKEN_IDS
     if interactive:
         chat(generator, is_rank0, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return

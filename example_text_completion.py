@@ -1,5 +1,6 @@
-"""Complete a few text prompts with a Llama 2 base model.
+"""Complete a few text prompts with a Llama 2 base model (with no weight flags: the bundled demo model).
 
+    python example_text_completion.py
     torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
     python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model --device cpu
 """
@@ -11,11 +12,15 @@ from typing import Optional
 import fire
 
 from llama import Llama
+from llama.demo import STOP_TOKEN_IDS, weights_or_demo
+
+# The bundled demo model writes stories: it gets story openings.
+DEMO_PROMPTS = ["Once upon a time", "Tom and his dog went to the park.", "One day, a little bird"]
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
@@ -27,6 +32,10 @@ def main(
     # Only rank 0 reports; torchrun sets RANK for each process.
     is_rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
+    try:
+        ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -35,7 +44,9 @@ def main(
         device=device,
         dtype=dtype,
     )
-    prompts = [
+    if demo:
+        generator.engine.stop_token_ids = STOP_TOKEN_IDS
+    prompts = DEMO_PROMPTS if demo else [
         # For these prompts, the expected answer is the natural continuation of the prompt
         "I believe the meaning of life is",
         "Simply put, the theory of relativity states that ",

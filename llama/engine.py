@@ -91,6 +91,8 @@ class Engine:
         self._slots: List[Optional[int]] = [None] * model.cache_shape[0]  # request id in each slot
         self._aborts: List[int] = []
         self.closed = False
+        #: Token ids that end every request, like EOS (e.g. (1,) for a model that ends its text with BOS).
+        self.stop_token_ids: Tuple[int, ...] = ()
         self._seen: Optional[torch.Tensor] = None  # (slots, vocab): tokens in each sequence, for repetition penalties
         self._counts: Optional[torch.Tensor] = None  # (slots, vocab): tokens each request generated, for OpenAI's penalties
 
@@ -337,7 +339,7 @@ class Engine:
         """Add a newly sampled token to request; retire it if it ends here."""
         if token == self.tokenizer.eos_id:
             return self._finish(request, "eos")
-        if token in request.spec.stop_token_ids:
+        if token in request.spec.stop_token_ids or token in self.stop_token_ids:
             return self._finish(request, "stop")
         request.generated.append(token)
         spec = request.spec

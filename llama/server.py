@@ -215,8 +215,8 @@ def _chat_stream(tokenizer) -> Callable:
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
@@ -231,11 +231,12 @@ def main(
     prefill_chunk: int = 512,
     log_level: str = "info",
 ) -> None:
-    """Serve a checkpoint over OpenAI's API. api_key defaults to the LLAMA_API_KEY environment variable;
-    model_name to the checkpoint folder's name."""
+    """Serve a checkpoint over OpenAI's API (with neither ckpt_dir nor tokenizer_path: the bundled demo model).
+    api_key defaults to the LLAMA_API_KEY environment variable; model_name to the checkpoint folder's name."""
     import uvicorn
 
     from llama import Llama
+    from llama.demo import STOP_TOKEN_IDS, weights_or_demo
     from llama.distributed import global_rank
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s: %(message)s")
@@ -243,10 +244,16 @@ def main(
     if distributed and os.environ.get("RANK", "0") != "0":
         for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 ends the job: its close() ends follow()
             signal.signal(sig, signal.SIG_IGN)
+    try:
+        ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             compile=compile, quantize=quantize)
     engine = generator.engine
     engine.prefill_chunk = prefill_chunk
+    if demo:
+        engine.stop_token_ids = STOP_TOKEN_IDS
     if global_rank() != 0:
         engine.follow()
         return

@@ -28,11 +28,11 @@ def free_port() -> int:
 class Server:
     """A server process; stop() sends SIGTERM and returns its exit code."""
 
-    def __init__(self, ckpt_dir, tokenizer_path, nproc: int = 0, **flags):
+    def __init__(self, ckpt_dir, tokenizer_path, nproc: int = 0, max_seq_len: int = MAX_SEQ_LEN, **flags):
         self.port, self.nproc = free_port(), nproc
         self.url = f"http://127.0.0.1:{self.port}"
-        args = ["-m", "llama.server", "--ckpt_dir", str(ckpt_dir), "--tokenizer_path", str(tokenizer_path),
-                "--port", str(self.port), "--device", "cpu", "--max_seq_len", str(MAX_SEQ_LEN), "--log_level", "warning"]
+        weights = [] if ckpt_dir is None else ["--ckpt_dir", str(ckpt_dir), "--tokenizer_path", str(tokenizer_path)]
+        args = ["-m", "llama.server", *weights, "--port", str(self.port), "--device", "cpu", "--max_seq_len", str(max_seq_len), "--log_level", "warning"]
         for key, value in flags.items():
             args += [f"--{key}", str(value)]
         launcher = [sys.executable]
