@@ -19,6 +19,7 @@ See the "Serving benchmark" part of README.md.
 import json as _json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -30,7 +31,7 @@ from llama import hf_baseline
 from llama.compiled import CompiledDecodeStep
 from llama.distributed import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import device_name, percentile, tokens_equal_share
+from llama.measure import OtherLoad, device_name, percentile, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
 from llama.sampling import SamplingParams
 
@@ -130,6 +131,11 @@ def summarize(trace: Trace, slots: int) -> dict:
     return out
 
 
+def _progress(message: str) -> None:
+    """A line on stderr as each part of a long run ends (the table comes at the end, on stdout)."""
+    print(f"[bench_serving {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _best_of(repeats: int, runs: Dict[str, Callable[[], Trace]], slots: int):
     """Each run repeats times, the runs taking turns; per run, the summary of the fastest (every wall time
     kept) and the tokens."""
@@ -139,6 +145,7 @@ def _best_of(repeats: int, runs: Dict[str, Callable[[], Trace]], slots: int):
         for name, run_once in runs.items():
             trace = run_once()
             walls[name].append(trace.wall_s)
+            _progress(f"{name}: {trace.wall_s:.1f} s, {len(trace.running)} steps")
             if name not in best or trace.wall_s < best[name].wall_s:
                 best[name] = trace
     return {name: {**summarize(t, slots), "walls_s": walls[name]} for name, t in best.items()}, \
@@ -198,6 +205,7 @@ def long_prompt_joins(model, tokenizer, decode, chunk: int, prompt_len: int, sho
     gaps = [(b, b - a) for t in times.values() for a, b in zip(t, t[1:])]
     during = [gap for end, gap in gaps if join_at < end <= first]
     before = [gap for end, gap in gaps if end <= join_at]
+    _progress(f"a {prompt_len}-token prompt joined, prefill chunk {chunk}")
     return {"prefill_chunk": chunk, "running": slots - 1, "itl_p50_s": percentile(during, 50),
             "itl_p99_s": percentile(during, 99), "itl_max_s": max(during), "itl_before_p50_s": percentile(before, 50),
             "long_ttft_s": first - join_at, "gaps_during": len(during)}
@@ -234,6 +242,7 @@ def _compare_hf(results: dict, model, workload: List[Request], ours: List[List[i
     batch = model.cache_shape[0]
     hf_baseline.generate(hf, [r.prompt for r in workload[:batch]], 2, device)  # warm-up, untimed
     trace = hf_static(hf, workload, batch, device)
+    _progress(f"transformers: {trace.wall_s:.1f} s")
     theirs = summarize(trace, batch)
     results["hf"] = {"transformers": transformers.__version__, "attn_implementation": "sdpa", "offline": theirs,
                      "tokens_equal": tokens_equal_share(trace.tokens, ours)}
@@ -272,6 +281,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    other, started = OtherLoad(), time.perf_counter()
     model = build_random_model(shape, device, dtype, max_seq_len, max_batch_size, seed)
     tokenizer = NoTextTokenizer(model.vocab_size)
     decode = CompiledDecodeStep(model) if compile else None
@@ -279,6 +289,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     workload = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed)
     # Untimed: compiles the decode step (every batch size and attended length is a dynamic size of one graph).
     drive(engines["continuous"], make_workload(2 * max_batch_size, prompt_range, gen_range, model.vocab_size, seed + 1))
+    _progress("warm-up done")
     graphs = counters["stats"]["unique_graphs"]
     results = _describe(model, device, workload, prompt_range, gen_range, dict(
         shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile, prefill_chunk=prefill_chunk,
@@ -300,6 +311,8 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     results["graphs_compiled_during_timed_runs"] = counters["stats"]["unique_graphs"] - graphs
     if load_start is not None:
         results["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
+    # Other work on the machine slows every figure (on a CPU, badly: threads wait for each other).
+    results["run_wall_s"], results["other_processes_cpu_s"] = time.perf_counter() - started, other.seconds()
     return results
 
 
@@ -315,11 +328,11 @@ def _policy_rows(title: str, runs: dict, hf: Optional[dict]) -> List[str]:
     c, st = runs["continuous"], runs["static"]
     lines = [title]
     for label, show in rows:
-        line = f"  {label:24}{show(c):>14}{show(st):>14}"
+        line = f"  {label:24}{show(c):>16}{show(st):>16}"
         if label == "throughput tok/s":
             line += f"{c['throughput_tok_s'] / st['throughput_tok_s']:>13.2f}x"
         if hf is not None:
-            line = f"{line:<68}{show(hf):>14}"
+            line = f"{line:<72}{show(hf):>16}"
             if label == "throughput tok/s":
                 line += f"{c['throughput_tok_s'] / hf['throughput_tok_s']:>11.2f}x"
         lines.append(line)
@@ -340,11 +353,15 @@ def format_table(r: dict) -> str:
     if "load_average_1min" in r:
         load = r["load_average_1min"]
         lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
+    if r.get("other_processes_cpu_s") is not None:
+        share = r["other_processes_cpu_s"] / (r["run_wall_s"] * (os.cpu_count() or 1))
+        lines.append(f"other processes used {r['other_processes_cpu_s']:.0f} CPU-seconds during the {r['run_wall_s']:.0f} s run "
+                     f"({100 * share:.0f}% of the machine; more than a few % slows every figure)")
     if hf:
         lines.append(f"transformers {hf['transformers']} LlamaForCausalLM.generate (sdpa), same weights, "
                      f"static batches of {r['max_batch_size']} in arrival order, left-padded")
-    header = f"\n{'':26}{'continuous':>14}{'static':>14}{'cont/static':>14}"
-    lines.append(header + (f"{'HF static':>14}{'cont/HF':>12}" if hf else ""))
+    header = f"\n{'':26}{'continuous':>16}{'static':>16}{'cont/static':>14}"
+    lines.append(header + (f"{'HF static':>16}{'cont/HF':>12}" if hf else ""))
     lines += _policy_rows(f"offline: all {w['requests']} at once", r["offline"], hf["offline"] if hf else None)
     if "poisson" in r:
         lines += _policy_rows(f"Poisson arrivals, {r['poisson']['arrival_rate']:g} requests/s", r["poisson"], None)

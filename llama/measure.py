@@ -87,6 +87,32 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+class OtherLoad:
+    """CPU seconds that other processes used from the start until seconds() (Linux: /proc/stat's busy time
+    of every CPU less this process's own), or None where /proc/stat cannot be read. On a CPU benchmark,
+    other work sharing the cores slows every figure; this says how much there was."""
+
+    def __init__(self):
+        self.start = self._busy()
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+        own = os.times()
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def seconds(self) -> Optional[float]:
+        end = self._busy()
+        if self.start is None or end is None:
+            return None
+        return max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
+
+
 # --- what a run reads and how close its tokens are ----------------------------------------------
 
 
