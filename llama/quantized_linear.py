@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llama.parallel import linear_kind
@@ -157,12 +158,23 @@ class QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
         if self.scheme.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(*self._int8_operands(x2d), self.scales)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.weight, self.scheme.group_size, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2d, self.weight, self.scheme.group_size, self.scales)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _int8_operands(self, x2d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Input and weight for torch's int8 kernel, which reads in_features 16 at a time (and crashes or returns
+        NaN otherwise): zero columns pad both to a multiple of 16, which adds nothing to the products."""
+        pad = -self.in_features % 16
+        if not pad:
+            return x2d, self.weight
+        padded = getattr(self, "_padded_weight", None)
+        if padded is None or padded.device != self.weight.device:
+            padded = self._padded_weight = F.pad(self.weight, (0, pad))
+        return F.pad(x2d, (0, pad)), padded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel == "none":

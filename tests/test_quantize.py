@@ -206,3 +206,60 @@ def test_quantized_shard_not_matching_the_model(tmp_path, tiny_checkpoints, tiny
     torch.save(state, shard)
     with pytest.raises(CheckpointError, match=r"missing \['layers.1.feed_forward.w2.qweight'\]"):
         build(out, tiny_tokenizer_path)
+
+
+ODD_SHAPES_SCRIPT = """
+import sys, torch
+from torch import nn
+from llama.quantize import QuantizedLinear, check_shapes, dequantize_int8, dequantize_int4, parse_quantize
+torch.manual_seed(0)
+scheme = parse_quantize(sys.argv[1])
+for in_features in (8, 24, 40, 88, 100, 172, 200, 256):
+    for out_features in (8, 12, 172, 64):
+        layer = nn.Linear(in_features, out_features, bias=False)
+        model = nn.Module(); model.layers = nn.ModuleList([nn.Module()]); model.layers[0].attention = nn.Module()
+        model.layers[0].attention.wq = layer
+        try:
+            check_shapes(model, scheme, torch.device("cpu"))
+        except ValueError as e:
+            assert "use" in str(e), e  # refused, saying what to use instead
+            print("refused", in_features, out_features)
+            continue
+        q = QuantizedLinear.from_float(layer, layer.weight.detach(), scheme, torch.float32)
+        if scheme.bits == 8:
+            w = dequantize_int8(q.weight, q.scales)
+        else:
+            w = dequantize_int4(q.unpacked_int4(), q.scales, scheme.group_size)
+        for rows in (1, 5):
+            x = torch.randn(rows, in_features)
+            y, ref = q(x).double(), x.double() @ w.double().T
+            assert torch.isfinite(y).all(), (in_features, out_features, rows)
+            assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-6, (in_features, out_features, rows)
+        print("ran", in_features, out_features)
+"""
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256"])
+def test_odd_and_small_dimensions_run_correctly_or_are_refused(quantize):
+    """In a subprocess: a kernel that crashes fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-c", ODD_SHAPES_SCRIPT, quantize], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    ran = proc.stdout.count("ran")
+    assert ran + proc.stdout.count("refused") == 32
+    if quantize == "int8":
+        assert ran == 32  # int8 runs every shape (odd in_features are padded to the kernel's multiple of 16)
+
+
+def test_int8_on_the_trained_stories_model_keeps_its_greedy_story(stories260k):
+    """stories260K's feed-forward has in_features 172, which crashed torch's CPU int8 kernel before padding."""
+    build = lambda **kw: Llama.build(str(stories260k), str(stories260k / "tokenizer.model"), 256, 2, device="cpu", **kw)  # noqa: E731
+    float_story = build().text_completion(["Once upon a time"], temperature=0, max_gen_len=40)[0]["generation"]
+    int8_story = build(quantize="int8").text_completion(["Once upon a time"], temperature=0, max_gen_len=40)[0]["generation"]
+    assert int8_story.startswith(", there was a little girl named Lily")
+    assert int8_story[:60] == float_story[:60]
