@@ -55,8 +55,9 @@ class SamplingParams:
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None (off) or an integer >= 1, got {self.top_k!r}")
         penalty = self.repetition_penalty
-        if not _is_number(penalty) or not penalty > 0 or math.isinf(penalty):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 is off), got {penalty!r}")
+        if not _is_number(penalty) or not 1e-6 <= penalty <= 1e6:
+            # Far beyond a factor of a million either way, a penalised logit can overflow to infinity.
+            raise ValueError(f"repetition_penalty must be a number from 1e-6 to 1e6 (1.0 is off), got {penalty!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if stop is None:
             stop = ()
@@ -137,7 +138,14 @@ def next_tokens(
     if not sampled:
         return chosen
     rows = [params[i] for i in sampled]
-    scaled = logits[sampled] / _column([p.temperature for p in rows], logits)
+    temperatures = _column([p.temperature for p in rows], logits)
+    scaled = logits[sampled] / temperatures
+    overflow = ~torch.isfinite(scaled).all(dim=-1, keepdim=True)
+    if overflow.any():
+        # A temperature so small that logit / temperature overflows: shifting by the row's maximum first gives the
+        # same softmax, which is then the limit at 0 (all the mass on the likeliest token).
+        shifted = (logits[sampled] - logits[sampled].max(dim=-1, keepdim=True).values) / temperatures
+        scaled = torch.where(overflow, shifted, scaled)
     top_k = [p.top_k if p.top_k is not None and p.top_k < logits.shape[-1] else 0 for p in rows]
     if any(top_k):
         kth = torch.topk(scaled, max(top_k), dim=-1).values  # (rows, max k), descending

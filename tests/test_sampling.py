@@ -205,3 +205,13 @@ def test_the_engine_counts_generated_tokens_for_the_penalties(tiny_tokenizer):
     while engine.has_work():
         out.update({o.request_id: o for o in engine.step() if o.finished})
     assert out[again].completion.tokens == [30, 0]
+
+
+def test_a_tiny_temperature_behaves_as_greedy_and_a_tiny_penalty_is_refused():
+    logits = torch.tensor([[3.0, 2.9, -1.0], [0.5, 0.7, 0.1]])
+    torch.manual_seed(0)
+    tiny = next_tokens(logits, [SamplingParams(temperature=1e-45, top_p=1.0)] * 2, [None, None])
+    assert tiny.tolist() == [0, 1]
+    for penalty in (1e-40, 1e-7, 1e7, float("inf")):
+        with pytest.raises(ValueError, match="repetition_penalty must be a number from 1e-6 to 1e6"):
+            SamplingParams(repetition_penalty=penalty)
