@@ -14,19 +14,23 @@ inter-chunk latency (the gap between consecutive text chunks: one token per chun
 tokenizer holds back text, such as part of a multi-byte character), p50 and p99.
 
 Without --url, a server on a random model of --shape is started in this process (EngineLoop and the
-FastAPI app of llama.server, uvicorn in a thread) and the same workload also runs directly on an
-engine over the same model (the same concurrency limit or arrival times, stepped in this thread):
-HTTP throughput as a share of the engine's own. Its stand-in tokenizer never emits EOS, so every
-request generates exactly its max_tokens, and its text is the token ids, which are compared with the
-engine's.
+FastAPI app of llama.server, uvicorn in a thread; the client runs in a child process, as a client
+would, not competing for this process's GIL), and the same workload also runs directly on an engine
+over the same model (the same concurrency limit or arrival times, stepped in this thread), the two
+taking turns: HTTP throughput as a share of the engine's own. Its stand-in tokenizer never emits EOS,
+so every request generates exactly its max_tokens, and its text is the token ids, which are compared
+with the engine's. Also reported: the time the engine spent in its steps and the steps taken in each
+run, and the CPU time of the engine loop, torch's other threads, uvicorn and the client process.
 """
 
 import asyncio
 import json as _json
+import multiprocessing
 import os
 import socket
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -118,10 +122,12 @@ def http_trace(replies: List[Reply], wall: float, tokens: Optional[List[List[int
 
 def run_http(url: str, model: str, workload: List[Request], concurrency: Optional[int], slots: int,
              api_key: Optional[str] = None) -> tuple:
-    """Send the workload; its summary (as bench_serving's summarize) and the replies."""
+    """Send the workload; its summary (as bench_serving's summarize, with the CPU time this process spent)
+    and the replies."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    cpu = time.process_time()
     replies, wall = asyncio.run(_send_all(url, model, workload, concurrency, headers))
-    return summarize(http_trace(replies, wall), slots), replies
+    return {**summarize(http_trace(replies, wall), slots), "client_cpu_s": time.process_time() - cpu}, replies
 
 
 # The same workload on the engine, no HTTP -----------------------------------------------------------------
@@ -152,6 +158,19 @@ def drive_closed_loop(engine: Engine, workload: List[Request], concurrency: int)
         trace.running.append(engine.num_running + sum(out.finished for out in outputs))
     trace.wall_s = time.perf_counter() - start
     return trace
+
+
+class TimedEngine(Engine):
+    """An Engine that adds up its steps and the time spent in them (whichever thread steps it)."""
+
+    steps, busy_s = 0, 0.0
+
+    def step(self):
+        start = time.perf_counter()
+        try:
+            return super().step()
+        finally:
+            self.steps, self.busy_s = self.steps + 1, self.busy_s + time.perf_counter() - start
 
 
 # A server in this process -------------------------------------------------------------------------------
@@ -258,25 +277,34 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
     warm workload, untimed, through HTTP)."""
     slots = net.cache_shape[0]
     tokenizer = NoTextTokenizer(net.vocab_size)
-    server = InProcessServer(Engine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode), tokenizer, name,
-                             max_queue=max(256, len(workload)))
-    direct = Engine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)  # steps only while the server idles
+    served = TimedEngine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)
+    server = InProcessServer(served, tokenizer, name, max_queue=max(256, len(workload)))
+    direct = TimedEngine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)  # steps only while the server idles
     # The threads whose CPU time is reported (the loop's thread is EngineLoop's own; not found, it counts as other).
-    threads = {"client": threading.main_thread().native_id, "http_server": server.thread.native_id,
+    threads = {"http_server": server.thread.native_id,
                "engine_loop": getattr(getattr(server.loop, "_thread", None), "native_id", None)}
+    # The client runs in a process of its own, as clients do: in this one it would hold the GIL the server needs.
+    client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def measured(engine: TimedEngine, threads: dict, go) -> tuple:
+        """go()'s result, and what the engine and the threads did meanwhile: steps, time in them, CPU time."""
+        steps, busy, cpu = engine.steps, engine.busy_s, thread_cpu_s()
+        result = go()
+        return result, {"engine_steps": engine.steps - steps, "engine_busy_s": engine.busy_s - busy,
+                        "cpu_s": _cpu_split(cpu, thread_cpu_s(), threads)}
+
     best: dict = {}
     try:
-        run_http(server.url, name, warm, min(limit or slots, len(warm)), slots)
+        client.submit(run_http, server.url, name, warm, min(limit or slots, len(warm)), slots).result()
         for _ in range(repeats):  # the two take turns
-            before = thread_cpu_s()
-            summary, replies = run_http(server.url, name, workload, limit, slots)
-            summary["cpu_s"] = _cpu_split(before, thread_cpu_s(), threads)
-            _keep_best(best, "http", summary, replies)
-            before = thread_cpu_s()
-            trace = drive_closed_loop(direct, workload, limit) if limit else bs.drive(direct, workload)
-            cpu = _cpu_split(before, thread_cpu_s(), {"engine": threading.main_thread().native_id})
-            _keep_best(best, "engine", {**summarize(trace, slots), "cpu_s": cpu}, trace.tokens)
+            send = lambda: client.submit(run_http, server.url, name, workload, limit, slots).result()  # noqa: E731
+            (summary, replies), seen = measured(served, threads, send)
+            _keep_best(best, "http", {**summary, **seen}, replies)
+            drive = (lambda: drive_closed_loop(direct, workload, limit)) if limit else (lambda: bs.drive(direct, workload))
+            trace, seen = measured(direct, {"engine": threading.main_thread().native_id}, drive)
+            _keep_best(best, "engine", {**summarize(trace, slots), **seen}, trace.tokens)
     finally:
+        client.shutdown()
         server.stop()
     (http, replies), (engine, engine_tokens) = best["http"], best["engine"]
     http_tokens = [[int(t) for t in r.text.split()] for r in replies]  # the stand-in tokenizer's text: the ids
@@ -353,13 +381,16 @@ def format_table(r: dict) -> str:
     if "engine" in r:
         lines += ["", f"HTTP throughput: {100 * r['http_over_engine_throughput']:.1f}% of the engine's own",
                   f"greedy tokens over HTTP equal to the engine's: {100 * r['tokens_equal']:.0f}%"]
-        cpu = r["http"].get("cpu_s")
+        h, e = r["http"], r["engine"]
+        lines.append(f"time in engine steps: {100 * h['engine_busy_s'] / h['wall_s']:.1f}% of the HTTP run "
+                     f"({h['engine_steps']} steps, {1e3 * h['engine_busy_s'] / h['engine_steps']:.1f} ms each), "
+                     f"{100 * e['engine_busy_s'] / e['wall_s']:.1f}% of the engine's ({e['engine_steps']} steps, "
+                     f"{1e3 * e['engine_busy_s'] / e['engine_steps']:.1f} ms each)")
+        cpu = h.get("cpu_s")
         if cpu:
-            total = sum(cpu.values())
             lines.append(f"CPU s in the HTTP run: engine loop {cpu['engine_loop']:.1f}, torch's other threads "
-                         f"{cpu['other_threads']:.1f}, uvicorn {cpu['http_server']:.2f}, client {cpu['client']:.2f} "
-                         f"(HTTP stack {100 * (cpu['http_server'] + cpu['client']) / total:.1f}% of {total:.1f}); "
-                         f"the engine run: {sum(r['engine']['cpu_s'].values()):.1f}")
+                         f"{cpu['other_threads']:.1f}, uvicorn {cpu['http_server']:.2f}, the client process "
+                         f"{h['client_cpu_s']:.2f}; in the engine run: {sum(e['cpu_s'].values()):.1f}")
     return "\n".join(lines)
 
 

@@ -54,8 +54,12 @@ def test_in_process_run_reports_http_and_engine_figures(mode, capsys):
     assert r["usage_equals_ids_streamed"] and r["tokens_equal"] == 1.0  # greedy over HTTP = greedy on the engine
     assert 0 < r["engine"]["occupancy_mean"] <= 1
     cpu = r["http"]["cpu_s"]  # Linux: every thread's CPU time from /proc
-    assert set(cpu) == {"client", "http_server", "engine_loop", "other_threads"} and all(v >= 0 for v in cpu.values())
-    assert cpu["engine_loop"] > 0 and r["engine"]["cpu_s"]["engine"] > 0
+    assert set(cpu) == {"http_server", "engine_loop", "other_threads"} and all(v >= 0 for v in cpu.values())
+    assert cpu["engine_loop"] > 0 and r["engine"]["cpu_s"]["engine"] > 0 and r["http"]["client_cpu_s"] > 0
+    # The same workload takes the same steps either way (closed loop, or the same arrival times: at least as many).
+    for run in ("http", "engine"):
+        assert 0 < r[run]["engine_busy_s"] <= r[run]["wall_s"] and r[run]["engine_steps"] > 0
+    assert r["engine"]["engine_steps"] == r["engine"]["steps"]
     table = capsys.readouterr().out
     assert "% of the engine's own" in table and "HTTP" in table
     assert ("2 concurrent clients" if "concurrency" in mode else "Poisson arrivals, 40 requests/s") in table
