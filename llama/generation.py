@@ -211,6 +211,11 @@ class Llama:
                     self.engine.abort(i)
                     self._inbox.pop(i, None)
 
+    def run_requests(self, specs: List[RequestSpec]) -> List[Completion]:
+        """Run engine requests (made with self.engine.make_spec) to their ends, in the one queue shared with
+        every other caller; their Completions, in order. A request that fails raises its error."""
+        return self._run(list(specs))
+
     def _run(self, specs: List[RequestSpec]) -> List[Completion]:
         """Run the requests to their ends; their Completions in order."""
         if not specs:
