@@ -3,6 +3,7 @@ any checkpoint reader the slice of each tensor that one model-parallel rank hold
 count, and the one loop that loads planned tensors into a model (load_weights)."""
 
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,21 @@ def load_params(ckpt_dir: Path) -> dict:
         if not ok:
             kind = "positive integer" if key in _INT_PARAMS else "positive number"
             raise CheckpointError(f"{str(path)!r}: {key}={value!r} must be a {kind}")
+    check_float_params(params, repr(str(path)))
     return params
+
+
+# The ranges in which these hyperparameters mean anything: outside them decoding goes silently wrong (a rope_theta
+# below 1 or of Infinity loses position information; an overflowing norm_eps flattens every activation).
+_FLOAT_RANGES = {"rope_theta": (1.0, 1e12), "norm_eps": (1e-12, 0.1), "ffn_dim_multiplier": (0.01, 100.0)}
+
+
+def check_float_params(params: dict, where: str) -> None:
+    """CheckpointError if rope_theta, norm_eps or ffn_dim_multiplier (when set) is not finite or outside its range."""
+    for key, (low, high) in _FLOAT_RANGES.items():
+        value = params.get(key)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise CheckpointError(f"{where}: {key}={value!r} must be a finite number from {low:g} to {high:g}")
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, CheckpointError, load_shard
+from llama.checkpoint import IGNORED_KEYS, CheckpointError, check_float_params, load_shard
 from llama.model import ModelArgs
 
 try:  # safetensors' error type (a plain Exception subclass); older releases hide it
@@ -172,11 +172,16 @@ def params_from_config(config: dict, where: str = "config.json") -> dict:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise CheckpointError(f"{where}: {key}=true is not supported (Llama 2 has no biases)")
-    return {
+    if config.get("sliding_window") is not None and config.get("use_sliding_window", True):
+        raise CheckpointError(f"{where}: sliding_window={config['sliding_window']!r} is not supported (Llama attends to the "
+                              f"whole context); a checkpoint that needs it would decode wrongly here")
+    params = {
         "dim": dim, "n_layers": ints["num_hidden_layers"], "n_heads": heads, "n_kv_heads": kv_heads,
         "vocab_size": ints["vocab_size"], **_ffn_params(dim, ints["intermediate_size"], where),
         "norm_eps": float(floats["rms_norm_eps"]), "rope_theta": float(floats["rope_theta"]),
     }
+    check_float_params(params, where)
+    return params
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ def test_missing_directory_and_files(tmp_path, ckpt, tiny_tokenizer_path):
         (json.dumps({**tiny_params(-1), "dim": "64"}), "dim='64' must be a positive integer"),
         (json.dumps({**tiny_params(-1), "n_layers": 0}), "n_layers=0"),
         (json.dumps({**tiny_params(-1), "norm_eps": -1.0}), "norm_eps=-1.0 must be a positive number"),
+        ('{"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "rope_theta": Infinity}',
+         "rope_theta=inf must be a finite number from 1 to 1e"),
+        (json.dumps({**tiny_params(-1), "rope_theta": 1e-300}), "rope_theta=1e-300 must be a finite number from 1"),
+        (json.dumps({**tiny_params(-1), "norm_eps": 5.0}), "norm_eps=5.0 must be a finite number"),
+        (json.dumps({**tiny_params(-1), "ffn_dim_multiplier": 1e9}), "ffn_dim_multiplier=1000000000.0 must be a finite"),
     ],
 )
 def test_bad_params_json(ckpt, tiny_tokenizer_path, content, match):

@@ -383,6 +383,8 @@ def test_corrupt_bin(tmp_path, hf_dirs):
         ({"head_dim": 32}, r"head_dim=32"),
         ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
         ({"attention_bias": True}, r"attention_bias"),
+        ({"sliding_window": 4096}, r"sliding_window=4096 is not supported"),
+        ({"rope_theta": 1e-300}, r"rope_theta=1e-300 must be a finite number"),
     ],
 )
 def test_bad_config(tmp_path, hf_dirs, changes, message):
