@@ -17,13 +17,13 @@ Interactive mode reads one user message per line and streams each reply; /reset,
 
 import contextlib
 import logging
-import os
 import sys
 from typing import List, Optional
 
 import fire
 
 from llama import Dialog, Llama
+from llama.distributed import is_printing_rank
 from llama.demo import STOP_TOKEN_IDS, weights_or_demo
 from llama.interactive import printer, run_chat, shared_reader, stdin_reader, world_size
 
@@ -47,8 +47,7 @@ def main(
         raise SystemExit("--system applies only with --interactive")
     if system is not None and not isinstance(system, str):
         system = str(system)  # fire turns values like 42 or [1, 2] into Python objects
-    # Only rank 0 reports; torchrun sets RANK for each process.
-    is_rank0 = os.environ.get("RANK", "0") == "0"
+    is_rank0 = is_printing_rank()  # only rank 0 reports
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
     try:
         ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)

@@ -6,12 +6,12 @@
 """
 
 import logging
-import os
 from typing import Optional
 
 import fire
 
 from llama import Llama
+from llama.distributed import is_printing_rank
 from llama.demo import STOP_TOKEN_IDS, weights_or_demo
 
 # The bundled demo model writes stories: it gets story openings.
@@ -29,8 +29,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
 ):
-    # Only rank 0 reports; torchrun sets RANK for each process.
-    is_rank0 = os.environ.get("RANK", "0") == "0"
+    is_rank0 = is_printing_rank()  # only rank 0 reports
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
     try:
         ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)

@@ -31,6 +31,14 @@ def model_parallel_rank() -> int:
     return mpu.get_model_parallel_rank()
 
 
+def is_printing_rank() -> bool:
+    """Whether this process reports results: rank 0 of the process group, or any process without one. Before the
+    group is set up, torchrun's RANK decides; a RANK left in the shell of a plain process (no WORLD_SIZE) does not."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return "WORLD_SIZE" not in os.environ or os.environ.get("RANK", "0") == "0"
+
+
 def global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -237,11 +237,11 @@ def main(
 
     from llama import Llama
     from llama.demo import STOP_TOKEN_IDS, weights_or_demo
-    from llama.distributed import global_rank
+    from llama.distributed import global_rank, is_printing_rank
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s: %(message)s")
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed and os.environ.get("RANK", "0") != "0":
+    if not is_printing_rank():
         for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 ends the job: its close() ends follow()
             signal.signal(sig, signal.SIG_IGN)
     try:

@@ -38,3 +38,19 @@ def test_chat_completion_example(tiny_checkpoints, tiny_tokenizer_path, nproc, s
     assert proc.stdout.count(SEPARATOR) == 6
     assert proc.stdout.count("> Assistant: Error: special tags are not allowed as part of the prompt.") == 1
     assert proc.stdout.count("User: what is the recipe of mayonnaise?") == 1
+
+
+def test_a_rank_left_in_the_shell_does_not_silence_a_plain_process():
+    """RANK=1 exported without torchrun (no WORLD_SIZE): the library runs one process, so the example reports."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(RANK="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "example_text_completion.py", "--device", "cpu", "--max_gen_len", "4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    check_exit(proc)
+    assert proc.stdout.count(SEPARATOR) == 3  # the demo model's three prompts
