@@ -139,6 +139,9 @@ def run_chat(
             continue
         if line is None:
             break
+        if not _is_valid_unicode(line):
+            notify("[the line could not be read: it is not valid UTF-8; nothing was sent]")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -247,8 +250,17 @@ def shared_reader(read_line: ReadLine) -> ReadLine:
     return read
 
 
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def stdin_reader(stream=None, prompt: str = "User: ") -> ReadLine:
-    """Lines from stdin; prompt is shown only when stdin is a terminal, so piped output holds just the replies."""
+    """Lines from stdin; prompt is shown only when stdin is a terminal, so piped output holds just the replies.
+    Bytes that are not UTF-8 come through as lone surrogates (which run_chat reports), never as an exception."""
     stream = stream if stream is not None else sys.stdin
     if stream is sys.stdin and stream.isatty():
         def read() -> Optional[str]:
@@ -257,10 +269,13 @@ def stdin_reader(stream=None, prompt: str = "User: ") -> ReadLine:
             except EOFError:
                 sys.stdout.write("\n")
                 return None
+            except UnicodeDecodeError as e:
+                return e.object.decode("utf-8", errors="surrogateescape")
         return read
 
     def read_pipe() -> Optional[str]:
-        line = stream.readline()
+        raw = getattr(stream, "buffer", None)
+        line = raw.readline().decode("utf-8", errors="surrogateescape") if raw is not None else stream.readline()
         return line if line else None
 
     return read_pipe

@@ -1,6 +1,7 @@
 """example_chat_completion.py --interactive end to end (through a pipe, under torchrun and plain python),
 and the chat loop of llama/interactive.py with a fake generator (Ctrl-C, history truncation)."""
 
+import os
 import re
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from llama import Llama
 from llama.chat_format import encode_dialog
 from llama.interactive import ChatHistory, lines, reply_room, run_chat
-from tests.conftest import check_exit, launch
+from tests.conftest import REPO, check_exit, launch
 
 MAX_GEN_LEN = 8
 SYSTEM = "Always answer with Haiku"
@@ -137,6 +138,22 @@ def test_end_of_input_ends_cleanly_and_a_message_too_long_is_skipped(tiny_checkp
     # The skipped message left the history as it was.
     second = first + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": TURNS[1]}]
     assert replies[1] == expected_reply(generator, second)
+
+
+def test_a_line_that_is_not_utf8_is_reported_and_the_chat_goes_on():
+    """Bytes that are not UTF-8 on stdin (decoded strictly, or into lone surrogates) never end the session."""
+    import subprocess
+    import sys
+
+    for encoding in ({}, {"PYTHONIOENCODING": "utf-8"}):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **encoding)
+        proc = subprocess.run([sys.executable, "example_chat_completion.py", "--interactive", "--max_gen_len", "6",
+                               "--device", "cpu"], input=b"Hi \xff\xfe there\nTell me a story\n", env=env, cwd=REPO,
+                              capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        assert b"[the line could not be read: it is not valid UTF-8; nothing was sent]" in proc.stderr
+        assert proc.stdout.count(b"Assistant: ") == 1  # the second line got its reply
 
 
 # ---- the loop itself, with a fake generator
