@@ -87,7 +87,7 @@ def load_params(ckpt_dir: Path) -> dict:
 
 # The ranges in which these hyperparameters mean anything: outside them decoding goes silently wrong (a rope_theta
 # below 1 or of Infinity loses position information; an overflowing norm_eps flattens every activation).
-_FLOAT_RANGES = {"rope_theta": (1.0, 1e12), "norm_eps": (1e-12, 0.1), "ffn_dim_multiplier": (0.01, 100.0)}
+_FLOAT_RANGES = {"rope_theta": (1.0, 1e12), "norm_eps": (1e-12, 0.1), "ffn_dim_multiplier": (1e-9, 100.0)}
 
 
 def check_float_params(params: dict, where: str) -> None:
