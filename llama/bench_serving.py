@@ -2,18 +2,13 @@
 
     python -m llama.bench_serving --shape 134M --device cpu --dtype float32 --max_batch_size 8 --compile --compare_hf
 
-A workload of --requests requests, prompt lengths uniform in [prompt_min, prompt_max], max_gen_len
-uniform in [gen_min, gen_max], random token ids, greedy, EOS off (every request generates exactly its
-max_gen_len), seeded. It runs through llama.engine.Engine, driven directly (add_request / step), under
-the continuous and the static policy: all requests at once (offline), and arriving as a Poisson process
-of --arrival_rate requests/s (each added to the engine once its arrival time has passed on the wall
-clock, the engine stepped in between). Each step is timed with time.perf_counter, and every request's
-tokens get the time of the step that produced them. Reported: throughput (generated tokens / wall
-time), time to first token and inter-token latency p50/p99, mean slot occupancy. --compare_hf runs the
-offline workload through transformers' generate in static batches of max_batch_size, left-padded.
-Last, a --join_prompt_len-token prompt joins max_batch_size - 1 running requests, once for each of
---join_chunks prefill chunk sizes: the running requests' inter-token latency while it is read.
-See the "Serving benchmark" part of README.md.
+A seeded workload (prompt lengths and max_gen_len uniform in ranges, random token ids, greedy, EOS off)
+runs through llama.engine.Engine, driven directly, under the continuous and the static policy: all at once
+(offline), and arriving as a Poisson process (each request added once its arrival time has passed on the
+wall clock, the engine stepped in between). Every token gets the time of the step that produced it.
+Reported: throughput, time to first token and inter-token latency p50/p99, mean slot occupancy; with
+--compare_hf, transformers' generate in left-padded static batches; and the running requests' inter-token
+latency while a long prompt joins them, for several prefill chunk sizes. See README.md, "Serving benchmark".
 """
 
 import json as _json
@@ -31,7 +26,7 @@ from llama import hf_baseline
 from llama.compiled import CompiledDecodeStep
 from llama.distributed import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import OtherLoad, device_name, percentile, tokens_equal_share
+from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
 from llama.sampling import SamplingParams
 
@@ -234,21 +229,28 @@ def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk
     return chunks
 
 
+def _check_max_seq_len(max_seq_len: Optional[int], need: int) -> int:
+    if max_seq_len is None:
+        return need
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < need:
+        raise ValueError(f"max_seq_len must be an integer >= {need} (the longest prompt and generation), got {max_seq_len!r}")
+    return max_seq_len
+
+
 def _compare_hf(results: dict, model, workload: List[Request], ours: List[List[int]], device: torch.device) -> None:
-    """transformers' static batches on the offline workload: its figures, and ours against them."""
+    """transformers' static batches on the offline workload (the fastest of results["repeats"] runs): its
+    figures, and ours against them."""
     import transformers
 
     hf = hf_baseline.hf_model(model, model.tok_embeddings.weight.dtype, device)
     batch = model.cache_shape[0]
     hf_baseline.generate(hf, [r.prompt for r in workload[:batch]], 2, device)  # warm-up, untimed
-    trace = hf_static(hf, workload, batch, device)
-    _progress(f"transformers: {trace.wall_s:.1f} s")
-    theirs = summarize(trace, batch)
+    summaries, tokens = _best_of(results["repeats"], {"transformers": lambda: hf_static(hf, workload, batch, device)}, batch)
+    theirs = summaries["transformers"]
     results["hf"] = {"transformers": transformers.__version__, "attn_implementation": "sdpa", "offline": theirs,
-                     "tokens_equal": tokens_equal_share(trace.tokens, ours)}
+                     "tokens_equal": tokens_equal_share(tokens["transformers"], ours)}
     results["speedup_over_hf"] = {p: results["offline"][p]["throughput_tok_s"] / theirs["throughput_tok_s"]
                                   for p in POLICIES}
-    del hf
 
 
 def _describe(model, device: torch.device, workload: List[Request], prompt_range, gen_range, settings: dict) -> dict:
@@ -266,22 +268,19 @@ def _describe(model, device: torch.device, workload: List[Request], prompt_range
 
 def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, max_batch_size: int = 8,
         requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
-        arrival_rate: Optional[float] = 2.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
+        arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
         join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
         max_seq_len: Optional[int] = None) -> dict:
     """Run the serving benchmark and return its results (see main for the arguments)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     chunks = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
                          repeats, arrival_rate)
-    need = max(prompt_max + gen_max, join_prompt_len + 1 if chunks else 0)
-    if max_seq_len is None:
-        max_seq_len = need
-    elif not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < need:
-        raise ValueError(f"max_seq_len must be an integer >= {need} (the longest prompt and generation), got {max_seq_len!r}")
+    max_seq_len = _check_max_seq_len(max_seq_len, max(prompt_max + gen_max, join_prompt_len + 1 if chunks else 0))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     other, started = OtherLoad(), time.perf_counter()
+    bandwidth = [copy_bandwidth(device) / 1e9]
     model = build_random_model(shape, device, dtype, max_seq_len, max_batch_size, seed)
     tokenizer = NoTextTokenizer(model.vocab_size)
     decode = CompiledDecodeStep(model) if compile else None
@@ -294,16 +293,14 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     results = _describe(model, device, workload, prompt_range, gen_range, dict(
         shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile, prefill_chunk=prefill_chunk,
         repeats=repeats, seed=seed))
-    runs = {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}
-    results["offline"], tokens = _best_of(repeats, runs, max_batch_size)
+    results["offline"], tokens = _best_of(repeats, {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}, max_batch_size)
     results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
-    ratio = {"offline": results["offline"]["continuous"]["throughput_tok_s"] / results["offline"]["static"]["throughput_tok_s"]}
     if arrival_rate:
         arriving = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed, arrival_rate)
         runs = {p: (lambda p=p: drive(engines[p], arriving)) for p in POLICIES}
         results["poisson"] = {"arrival_rate": arrival_rate, **_best_of(repeats, runs, max_batch_size)[0]}
-        ratio["poisson"] = results["poisson"]["continuous"]["throughput_tok_s"] / results["poisson"]["static"]["throughput_tok_s"]
-    results["speedup_continuous_over_static"] = ratio
+    results["speedup_continuous_over_static"] = {mode: results[mode]["continuous"]["throughput_tok_s"] / results[mode][
+        "static"]["throughput_tok_s"] for mode in ("offline", "poisson") if mode in results}
     if compare_hf:
         _compare_hf(results, model, workload, tokens["continuous"], device)
     results["join"] = {"prompt_len": join_prompt_len, "short_prompt_len": prompt_min, "chunks": [
@@ -313,6 +310,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         results["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     # Other work on the machine slows every figure (on a CPU, badly: threads wait for each other).
     results["run_wall_s"], results["other_processes_cpu_s"] = time.perf_counter() - started, other.seconds()
+    results["copy_bandwidth_gbs_start_end"] = bandwidth + [copy_bandwidth(device) / 1e9]
     return results
 
 
@@ -353,6 +351,8 @@ def format_table(r: dict) -> str:
     if "load_average_1min" in r:
         load = r["load_average_1min"]
         lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")
+    lines.append("device copy bandwidth {:.1f} GB/s at the start, {:.1f} at the end (read + written)".format(
+        *r["copy_bandwidth_gbs_start_end"]))
     if r.get("other_processes_cpu_s") is not None:
         share = r["other_processes_cpu_s"] / (r["run_wall_s"] * (os.cpu_count() or 1))
         lines.append(f"other processes used {r['other_processes_cpu_s']:.0f} CPU-seconds during the {r['run_wall_s']:.0f} s run "
@@ -381,7 +381,7 @@ def format_table(r: dict) -> str:
 
 def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, max_batch_size: int = 8,
          requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
-         arrival_rate: Optional[float] = 2.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
+         arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
          join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
          max_seq_len: Optional[int] = None, json: Optional[str] = None) -> dict:
     """Serving benchmark on a random model; prints a table and optionally writes JSON.
