@@ -24,7 +24,7 @@ import fire
 
 from llama import Dialog, Llama
 from llama.distributed import is_printing_rank
-from llama.demo import STOP_TOKEN_IDS, weights_or_demo
+from llama.demo import STOP_TOKEN_IDS, stop_ids, weights_or_demo
 from llama.interactive import printer, run_chat, shared_reader, stdin_reader, world_size
 
 
@@ -38,6 +38,7 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stop_token_ids: Optional[List[int]] = None,
     interactive: bool = False,
     system: Optional[str] = None,
 ):
@@ -63,8 +64,9 @@ def main(
             device=device,
             dtype=dtype,
         )
-    if demo:
-        generator.engine.stop_token_ids = STOP_TOKEN_IDS
+    # Token ids that end every reply besides EOS (--stop_token_ids 1: at BOS, where a stories model ends a story).
+    generator.engine.stop_token_ids = stop_ids(stop_token_ids, generator) if stop_token_ids is not None else \
+        (STOP_TOKEN_IDS if demo else ())
     if interactive:
         chat(generator, is_rank0, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return

@@ -6,13 +6,13 @@
 """
 
 import logging
-from typing import Optional
+from typing import List, Optional
 
 import fire
 
 from llama import Llama
 from llama.distributed import is_printing_rank
-from llama.demo import STOP_TOKEN_IDS, weights_or_demo
+from llama.demo import STOP_TOKEN_IDS, stop_ids, weights_or_demo
 
 # The bundled demo model writes stories: it gets story openings.
 DEMO_PROMPTS = ["Once upon a time", "Tom and his dog went to the park.", "One day, a little bird"]
@@ -28,6 +28,7 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stop_token_ids: Optional[List[int]] = None,
 ):
     is_rank0 = is_printing_rank()  # only rank 0 reports
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
@@ -43,8 +44,9 @@ def main(
         device=device,
         dtype=dtype,
     )
-    if demo:
-        generator.engine.stop_token_ids = STOP_TOKEN_IDS
+    # Token ids that end every reply besides EOS (--stop_token_ids 1: at BOS, where a stories model ends a story).
+    generator.engine.stop_token_ids = stop_ids(stop_token_ids, generator) if stop_token_ids is not None else \
+        (STOP_TOKEN_IDS if demo else ())
     prompts = DEMO_PROMPTS if demo else [
         # For these prompts, the expected answer is the natural continuation of the prompt
         "I believe the meaning of life is",

@@ -26,3 +26,14 @@ def weights_or_demo(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> T
         raise ValueError(f"{given} was given without {missing}: pass both for your own weights, or neither for the "
                          f"bundled demo model")
     return ckpt_dir, tokenizer_path, False
+
+
+def stop_ids(value, generator) -> Tuple[int, ...]:
+    """A command line's --stop_token_ids (an int or a list of ints, as fire parses them), checked against the vocabulary."""
+    from llama.request import check_stop_token_ids
+
+    ids = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        return check_stop_token_ids(list(ids) if isinstance(ids, (list, tuple)) else ids, generator.model.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: --stop_token_ids: {e}") from None
