@@ -360,3 +360,65 @@ def test_a_two_process_server_answers_as_one_process(stories260k):
         finally:
             assert server.stop() == 0, server.proc.stdout.read()[-3000:]
     assert results[0] == results[1]
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(tiny_tokenizer_path):
+    """In process (ASGI): a model that fails on one request's tokens fails that request only."""
+    from llama.server import create_app
+    from llama.serving import EngineLoop
+    from llama.tokenizer import Tokenizer
+    from tests.scripted import scripted_llama
+
+    def script(sequence):
+        if 90 in sequence:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return 10 + (sequence[-1] - 9) % 50
+
+    tokenizer = Tokenizer(str(tiny_tokenizer_path))
+    llama = scripted_llama(tokenizer, script, max_batch_size=2)
+    loop = EngineLoop(llama.engine).start()
+    app = create_app(loop, tokenizer, "scripted")
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            bad = await client.post("/v1/completions", json={"model": "scripted", "prompt": [1, 90], "max_tokens": 3})
+            streamed = await client.post("/v1/completions", json={"model": "scripted", "prompt": [1, 90], "max_tokens": 3,
+                                                                   "stream": True})
+            good = await client.post("/v1/completions", json={"model": "scripted", "prompt": [1, 20], "max_tokens": 3})
+            return bad, streamed, good
+
+    try:
+        bad, streamed, good = asyncio.run(run())
+    finally:
+        loop.stop(1.0)
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+    assert "out of memory (simulated)" in bad.json()["error"]["message"]
+    assert '"server_error"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3
+    assert loop.metrics.finished.labels("error")._value.get() == 2
+
+
+def test_sigterm_lets_running_requests_finish_and_exits_0():
+    server = Server(None, None, max_seq_len=512, max_batch_size=2)  # the demo model: its story runs 341 tokens
+
+    async def stream_then_stop():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            async with client.stream("POST", "/v1/completions", json={"model": "stories260K", "prompt": "Once upon a time",
+                                                                       "max_tokens": 300, "temperature": 0, "stream": True}) as r:
+                lines = []
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and not lines:
+                        os.kill(server.serving_pid(), signal.SIGTERM)  # mid-stream
+                    if line:
+                        lines.append(line)
+                return lines
+
+    lines = asyncio.run(stream_then_stop())
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # it ran to its end during the graceful shutdown
+    assert len([c for c in chunks if c["choices"][0]["text"]]) > 100
+    assert server.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(server.url + "/health", timeout=1)
