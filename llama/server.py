@@ -70,12 +70,12 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, api_key: Optional[s
     @app.post("/v1/completions")
     async def completions(request: Request):
         parsed = api.parse_completion(await _json(request), loop.engine, tokenizer, model_name)
-        return await _respond(request, loop, parsed, "cmpl", _completion_stream(tokenizer), api.completion_choice, tokenizer)
+        return await _respond(request, loop, parsed, "cmpl", _stream_chunks(tokenizer, chat=False), api.completion_choice, tokenizer)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         parsed = api.parse_chat(await _json(request), loop.engine, tokenizer, model_name)
-        return await _respond(request, loop, parsed, "chatcmpl", _chat_stream(tokenizer), api.chat_choice, tokenizer)
+        return await _respond(request, loop, parsed, "chatcmpl", _stream_chunks(tokenizer, chat=True), api.chat_choice, tokenizer)
 
     return app
 
@@ -175,41 +175,47 @@ def _sse(meta: dict, chunk: dict, parsed: api.Parsed, usage_chunk: bool = False)
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _completion_stream(tokenizer) -> Callable:
-    def chunks(parsed: api.Parsed, index: int, out: Optional[StepOutput], start: bool = False):
-        if start:
-            if parsed.echo:
-                yield {"choices": [{"index": index, "text": tokenizer.decode(parsed.prompts[index // parsed.n]),
-                                    "logprobs": None, "finish_reason": None}]}
-            return
-        if not out.text and not out.finished and not (out.new_tokens and parsed.logprobs is not None):
-            return
-        logprobs = None
-        if parsed.logprobs is not None and out.new_tokens:
-            logprobs = api.completion_logprobs(tokenizer, out.new_tokens, out.logprobs, out.top_logprobs)
-        reason = api.finish_reason(out.finish_reason) if out.finished else None
-        yield {"choices": [{"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason}]}
+def _stream_chunks(tokenizer, chat: bool) -> Callable:
+    """chunks(parsed, index, out) -> the event payloads for choice index after out (start=True: before any output)."""
+    token_logprobs = api.chat_logprobs if chat else api.completion_logprobs
 
-    return chunks
-
-
-def _chat_stream(tokenizer) -> Callable:
-    def chunks(parsed: api.Parsed, index: int, out: Optional[StepOutput], start: bool = False):
-        if start:
-            yield {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}]}
+    def opening(parsed: api.Parsed, index: int):
+        if chat:
+            yield {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             if parsed.specs[index] is None:  # refused: the reply chat_completion gives, at once
-                yield {"choices": [{"index": index, "delta": {"content": api.UNSAFE_ERROR}, "logprobs": None,
-                                    "finish_reason": "stop"}]}
+                yield {"delta": {"content": api.UNSAFE_ERROR}, "finish_reason": "stop"}
+        elif parsed.echo:
+            yield {"text": tokenizer.decode(parsed.prompts[index // parsed.n]), "finish_reason": None}
+
+    generated = {}  # with echo: each choice's tokens until its text joins the prompt's
+
+    def joined(parsed: api.Parsed, index: int, out: StepOutput) -> str:
+        """out.text, with the space SentencePiece puts between the echoed prompt and the first generated word
+        (decoded alone, the generated text loses it)."""
+        if not parsed.echo or index not in generated:
+            return out.text
+        tokens = generated[index] = generated[index] + out.new_tokens
+        if not out.text:
+            return out.text
+        del generated[index]
+        prompt = parsed.prompts[index // parsed.n]
+        after_prompt = tokenizer.decode(prompt + tokens)[len(tokenizer.decode(prompt)):]
+        return " " + out.text if after_prompt.startswith(" ") and not out.text.startswith(" ") else out.text
+
+    def chunks(parsed: api.Parsed, index: int, out: Optional[StepOutput], start: bool = False):
+        if start:
+            generated[index] = []
+            for choice in opening(parsed, index):
+                yield {"choices": [{"index": index, **choice, "logprobs": None}]}
             return
-        if not out.text and not out.finished and not (out.new_tokens and parsed.logprobs is not None):
+        text = joined(parsed, index, out)
+        with_logprobs = parsed.logprobs is not None and bool(out.new_tokens)
+        if not text and not out.finished and not with_logprobs:
             return
-        logprobs = None
-        if parsed.logprobs is not None and out.new_tokens:
-            logprobs = api.chat_logprobs(tokenizer, out.new_tokens, out.logprobs, out.top_logprobs)
+        logprobs = token_logprobs(tokenizer, out.new_tokens, out.logprobs, out.top_logprobs) if with_logprobs else None
+        content = ({"delta": {"content": text} if text else {}} if chat else {"text": text})
         reason = api.finish_reason(out.finish_reason) if out.finished else None
-        delta = {"content": out.text} if out.text else {}
-        yield {"choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+        yield {"choices": [{"index": index, **content, "logprobs": logprobs, "finish_reason": reason}]}
 
     return chunks
 

@@ -153,6 +153,14 @@ def test_streamed_text_equals_the_non_streamed_text_for_the_same_seed(stories_se
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_echo_streams_the_same_text_as_without_streaming(stories_server):
+    client = stories_server.client()
+    settings = dict(model="stories260K", prompt="Once upon", max_tokens=12, temperature=0, echo=True)
+    whole = client.completions.create(**settings).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **settings))
+    assert streamed == whole and whole.startswith("Once upon a time")
+
+
 def test_n_choices_logprobs_and_stop(stories_server, tokenizer):
     client = stories_server.client()
     out = client.completions.create(model="stories260K", prompt="One day", max_tokens=15, temperature=1.0, seed=3, n=3)
