@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from llama.distributed import global_rank, resolve_device, resolve_dtype, setup_model_parallel
+from llama.device import resolve_device, resolve_dtype
+from llama.distributed import global_rank, setup_model_parallel
 from llama import hf_baseline
 from llama import quantize as quantization
 from llama.generation import Llama

@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 from llama import hf_baseline
 from llama.compiled import CompiledDecodeStep
-from llama.distributed import resolve_device, resolve_dtype
+from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
 from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 # Re-exported for llama/bench.py until it imports them from llama.device.
-from llama.device import resolve_device, resolve_dtype  # noqa: F401
 
 
 def model_parallel_world_size() -> int:

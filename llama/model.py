@@ -170,16 +170,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def _split_for_bench(model: nn.Module) -> None:
-    """Transitional: the benchmark's build_random_model (llama/bench.py, moving to llama/random_model.py)
-    builds Transformer(args) under torchrun and expects it split over the model-parallel group, as the
-    model was before llama/parallel.py. Remove once it calls llama.parallel.parallelize itself.
-    Does nothing without a model-parallel group (a second parallelize, as Llama.build's, does nothing)."""
-    from llama.parallel import parallelize
-
-    parallelize(model)
-
-
 class Transformer(nn.Module):
     """Llama 2. One forward path: tokens with their positions (a prompt chunk or a decode step alike)
     and the KV-cache slot of each row; setup_cache() allocates the cache once."""
@@ -200,7 +190,6 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer, so that model.half() or .to(dtype) keep it float32.
         # Twice max_seq_len, as in the reference, so positions past it still have angles.
         self.rope = rope_table(params.head_dim, params.max_seq_len * 2, params.rope_theta)
-        _split_for_bench(self)
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
         """Allocate the KV cache (max_batch_size slots of max_seq_len positions, by default the params')

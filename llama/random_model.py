@@ -6,6 +6,7 @@ import torch
 
 from llama.distributed import model_parallel_rank
 from llama.model import ModelArgs, Transformer
+from llama.parallel import parallelize
 
 # Llama 2's published shapes, a GPT-2-small-sized one that a CPU runs in minutes, and one for tests.
 SHAPES: Dict[str, dict] = {
@@ -49,7 +50,7 @@ def build_random_model(shape: str, device: torch.device, dtype: torch.dtype, max
         raise ValueError(f"shape={shape!r} is not one of {list(SHAPES)}")
     args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **SHAPES[shape])
     with torch.device("meta"):
-        model = Transformer(args)
+        model = parallelize(Transformer(args))  # fairscale's layers under a model-parallel group
     model = model.to(dtype).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed + 1000 * model_parallel_rank())
     with torch.no_grad():
