@@ -87,3 +87,11 @@ def test_quantized_generation_on_the_device(tiny_checkpoints, tiny_tokenizer_pat
     tokens = g.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
     assert [len(t) for t in tokens] == [8, 8, 8]
     assert len(compiled.generate(PROMPTS, max_gen_len=8, temperature=0)[0]) == 3
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g128"])
+def test_odd_layer_shapes_on_the_device_run_or_are_refused(quantize):
+    """The device's own int8/int4 kernels on odd and small shapes, in a subprocess (a crash fails the test)."""
+    from tests.test_quantize import check_odd_shapes
+
+    check_odd_shapes(quantize, DEVICE, "bfloat16")

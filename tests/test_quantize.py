@@ -214,27 +214,28 @@ from torch import nn
 from llama.quantize import QuantizedLinear, check_shapes, dequantize_int8, dequantize_int4, parse_quantize
 torch.manual_seed(0)
 scheme = parse_quantize(sys.argv[1])
+device, dtype = torch.device(sys.argv[2]), getattr(torch, sys.argv[3])
 for in_features in (8, 24, 40, 88, 100, 172, 200, 256):
     for out_features in (8, 12, 172, 64):
-        layer = nn.Linear(in_features, out_features, bias=False)
+        layer = nn.Linear(in_features, out_features, bias=False, device=device)
         model = nn.Module(); model.layers = nn.ModuleList([nn.Module()]); model.layers[0].attention = nn.Module()
         model.layers[0].attention.wq = layer
         try:
-            check_shapes(model, scheme, torch.device("cpu"))
+            check_shapes(model, scheme, device)
         except ValueError as e:
             assert "use" in str(e), e  # refused, saying what to use instead
             print("refused", in_features, out_features)
             continue
-        q = QuantizedLinear.from_float(layer, layer.weight.detach(), scheme, torch.float32)
+        q = QuantizedLinear.from_float(layer, layer.weight.detach(), scheme, dtype)
         if scheme.bits == 8:
             w = dequantize_int8(q.weight, q.scales)
         else:
             w = dequantize_int4(q.unpacked_int4(), q.scales, scheme.group_size)
         for rows in (1, 5):
-            x = torch.randn(rows, in_features)
+            x = torch.randn(rows, in_features, device=device, dtype=dtype)
             y, ref = q(x).double(), x.double() @ w.double().T
             assert torch.isfinite(y).all(), (in_features, out_features, rows)
-            assert (y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-6, (in_features, out_features, rows)
+            assert (y - ref).abs().max() <= 0.03 * ref.abs().max() + 1e-6, (in_features, out_features, rows)
         print("ran", in_features, out_features)
 """
 
@@ -242,13 +243,19 @@ for in_features in (8, 24, 40, 88, 100, 172, 200, 256):
 @pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256"])
 def test_odd_and_small_dimensions_run_correctly_or_are_refused(quantize):
     """In a subprocess: a kernel that crashes fails this test instead of killing the suite."""
+    check_odd_shapes(quantize, "cpu", "float32")
+
+
+def check_odd_shapes(quantize: str, device: str, dtype: str) -> None:
+    """Every layer shape of ODD_SHAPES_SCRIPT runs within the quantization bound on device, or is refused."""
+    import os
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-c", ODD_SHAPES_SCRIPT, quantize], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", ODD_SHAPES_SCRIPT, quantize, device, dtype], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     ran = proc.stdout.count("ran")
     assert ran + proc.stdout.count("refused") == 32
