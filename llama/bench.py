@@ -11,7 +11,6 @@ on the very same weights. See the "Performance" section of README.md for how eac
 The serving benchmark (a mixed workload through the engine) is python -m llama.bench_serving.
 """
 
-import json as _json
 import os
 from dataclasses import asdict
 from typing import Callable, Dict, List, Optional
@@ -25,7 +24,7 @@ from llama import hf_baseline
 from llama import quantize as quantization
 from llama.generation import Llama
 from llama.measure import (  # noqa: F401 (quantization_error: bench.quantization_error)
-    PeakMemory, agreement, copy_bandwidth, decode_bytes_per_step, device_name, quantization_error, reduce,
+    PeakMemory, agreement, copy_bandwidth, decode_bytes_per_step, device_name, quantization_error, reduce, report,
     time_calls, tokens_equal_share, weight_bytes,
 )
 from llama.model import Transformer
@@ -391,11 +390,7 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
     results = run(shape, device, dtype, prompt_len, gen_len, batch, compare_hf, warmup, repeats, seed, compile,
                   quantize, baseline_dtype, max_seq_len, agreement_prompts)
     if global_rank() == 0:
-        print(format_table(results), flush=True)
-        if json:
-            with open(json, "w") as f:
-                _json.dump(results, f, indent=2)
-                f.write("\n")
+        report(format_table(results), results, json)
     return results
 
 

@@ -41,7 +41,7 @@ from llama.bench_serving import GREEDY, Request, Trace, make_workload, summarize
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import device_name, tokens_equal_share
+from llama.measure import device_name, report, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
 
 
@@ -413,11 +413,7 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
     """
     results = run(url, shape, device, dtype, max_batch_size, compile, requests, concurrency, arrival_rate, prompt_min,
                   prompt_max, gen_min, gen_max, seed, model, api_key, vocab_size, prefill_chunk, repeats)
-    print(format_table(results), flush=True)
-    if json:
-        with open(json, "w") as f:
-            _json.dump(results, f, indent=2)
-            f.write("\n")
+    report(format_table(results), results, json)
     return results
 
 

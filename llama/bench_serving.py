@@ -11,7 +11,6 @@ Reported: throughput, time to first token and inter-token latency p50/p99, mean 
 latency while a long prompt joins them, for several prefill chunk sizes. See README.md, "Serving benchmark".
 """
 
-import json as _json
 import os
 import random
 import sys
@@ -26,7 +25,7 @@ from llama import hf_baseline
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, tokens_equal_share
+from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, report, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
 from llama.sampling import SamplingParams
 
@@ -398,11 +397,7 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
     """
     results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
                   prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len)
-    print(format_table(results), flush=True)
-    if json:
-        with open(json, "w") as f:
-            _json.dump(results, f, indent=2)
-            f.write("\n")
+    report(format_table(results), results, json)
     return results
 
 

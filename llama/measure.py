@@ -6,6 +6,7 @@ combines a figure over the ranks; in a single process both do nothing.
 """
 
 import ctypes
+import json as _json
 import gc
 import math
 import os
@@ -244,3 +245,12 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) - self.start
         hwm = _proc_status_kb("VmHWM") if self.method == "VmHWM" else None
         return (hwm * 1024 if hwm is not None else self._rusage()) - self.start
+
+
+def report(table: str, results: dict, json_path: Optional[str]) -> None:
+    """Print a benchmark's table and write its results as JSON to json_path (when given)."""
+    print(table, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            _json.dump(results, f, indent=2)
+            f.write("\n")
