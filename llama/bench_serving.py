@@ -11,6 +11,7 @@ Reported: throughput, time to first token and inter-token latency p50/p99, mean 
 latency while a long prompt joins them, for several prefill chunk sizes. See README.md, "Serving benchmark".
 """
 
+import json as _json
 import os
 import random
 import sys
@@ -269,8 +270,9 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
         arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
         join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
-        max_seq_len: Optional[int] = None) -> dict:
-    """Run the serving benchmark and return its results (see main for the arguments)."""
+        max_seq_len: Optional[int] = None, partial_json: Optional[str] = None) -> dict:
+    """Run the serving benchmark and return its results (see main for the arguments). partial_json: a path that
+    gets the results so far after each part (a long run that is stopped keeps what it measured)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     chunks = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
                          repeats, arrival_rate)
@@ -294,14 +296,17 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         repeats=repeats, seed=seed))
     results["offline"], tokens = _best_of(repeats, {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}, max_batch_size)
     results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
+    _save(partial_json, results)
     if arrival_rate:
         arriving = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed, arrival_rate)
         runs = {p: (lambda p=p: drive(engines[p], arriving)) for p in POLICIES}
         results["poisson"] = {"arrival_rate": arrival_rate, **_best_of(repeats, runs, max_batch_size)[0]}
+        _save(partial_json, results)
     results["speedup_continuous_over_static"] = {mode: results[mode]["continuous"]["throughput_tok_s"] / results[mode][
         "static"]["throughput_tok_s"] for mode in ("offline", "poisson") if mode in results}
     if compare_hf:
         _compare_hf(results, model, workload, tokens["continuous"], device)
+        _save(partial_json, results)
     results["join"] = {"prompt_len": join_prompt_len, "short_prompt_len": prompt_min, "chunks": [
         long_prompt_joins(model, tokenizer, decode, c, join_prompt_len, prompt_min, seed) for c in chunks]}
     results["graphs_compiled_during_timed_runs"] = counters["stats"]["unique_graphs"] - graphs
@@ -311,6 +316,12 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     results["run_wall_s"], results["other_processes_cpu_s"] = time.perf_counter() - started, other.seconds()
     results["copy_bandwidth_gbs_start_end"] = bandwidth + [copy_bandwidth(device) / 1e9]
     return results
+
+
+def _save(path: Optional[str], results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            _json.dump(results, f, indent=2)
 
 
 def _ms_pair(summary: dict, name: str) -> str:
@@ -363,7 +374,7 @@ def format_table(r: dict) -> str:
     lines.append(header + (f"{'HF static':>16}{'cont/HF':>12}" if hf else ""))
     lines += _policy_rows(f"offline: all {w['requests']} at once", r["offline"], hf["offline"] if hf else None)
     if "poisson" in r:
-        lines += _policy_rows(f"Poisson arrivals, {r['poisson']['arrival_rate']:g} requests/s", r["poisson"], None)
+        lines += _policy_rows(f"Poisson arrivals, {r['poisson']['arrival_rate']:g} per second", r["poisson"], None)
     match = f"greedy tokens of static equal to continuous: {100 * r['static_tokens_equal']:.0f}%"
     lines.append(match + (f"; transformers' equal to continuous: {100 * hf['tokens_equal']:.0f}%" if hf else ""))
     j = r["join"]
@@ -396,7 +407,7 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
     json: a path to write every figure to.
     """
     results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
-                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len)
+                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json)
     report(format_table(results), results, json)
     return results
 

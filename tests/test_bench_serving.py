@@ -129,7 +129,7 @@ def test_run_reports_every_figure(capsys):
     assert r["other_processes_cpu_s"] is None or r["other_processes_cpu_s"] >= 0
     assert 0 < r["run_wall_s"] and r["offline"]["continuous"]["wall_s"] + r["offline"]["static"]["wall_s"] < r["run_wall_s"]
     table = capsys.readouterr().out
-    assert "offline: all 6 at once" in table and "Poisson arrivals, 50 requests/s" in table
+    assert "offline: all 6 at once" in table and "Poisson arrivals, 50 per second" in table
     assert "a 40-token prompt joins 2 running requests" in table and "cont/HF" in table
 
 
