@@ -11,7 +11,6 @@ Reported: throughput, time to first token and inter-token latency p50/p99, mean 
 latency while a long prompt joins them, for several prefill chunk sizes. See README.md, "Serving benchmark".
 """
 
-import json as _json
 import os
 import random
 import sys
@@ -26,7 +25,7 @@ from llama import hf_baseline
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, report, tokens_equal_share
+from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, report, tokens_equal_share, write_json
 from llama.random_model import NoTextTokenizer, build_random_model
 from llama.sampling import SamplingParams
 
@@ -213,8 +212,9 @@ def _positive_ints(**values) -> None:
 
 
 def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
-                repeats, arrival_rate) -> List[int]:
-    """ValueError naming a bad argument; else the join test's chunk sizes as a list."""
+                repeats, arrival_rate, max_seq_len=None):
+    """ValueError naming a bad argument; else the join test's chunk sizes as a list, and max_seq_len (by default
+    the longest prompt and generation of any run)."""
     _positive_ints(max_batch_size=max_batch_size, requests=requests, prompt_min=prompt_range[0], gen_min=gen_range[0],
                    prefill_chunk=prefill_chunk, join_prompt_len=join_prompt_len, repeats=repeats)
     for name, (low, high) in (("prompt", prompt_range), ("gen", gen_range)):
@@ -226,15 +226,10 @@ def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk
         raise ValueError(f"arrival_rate must be a number >= 0 (0 or None: no Poisson run), got {arrival_rate!r}")
     chunks = [join_chunks] if isinstance(join_chunks, int) else list(join_chunks or [])
     _positive_ints(**{f"join_chunks[{i}]": c for i, c in enumerate(chunks)})
-    return chunks
-
-
-def _check_max_seq_len(max_seq_len: Optional[int], need: int) -> int:
-    if max_seq_len is None:
-        return need
-    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < need:
+    need = max(prompt_range[1] + gen_range[1], join_prompt_len + 1 if chunks else 0)
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < need):
         raise ValueError(f"max_seq_len must be an integer >= {need} (the longest prompt and generation), got {max_seq_len!r}")
-    return max_seq_len
+    return chunks, need if max_seq_len is None else max_seq_len
 
 
 def _compare_hf(results: dict, model, workload: List[Request], ours: List[List[int]], device: torch.device) -> None:
@@ -274,9 +269,8 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     """Run the serving benchmark and return its results (see main for the arguments). partial_json: a path that
     gets the results so far after each part (a long run that is stopped keeps what it measured)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
-    chunks = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
-                         repeats, arrival_rate)
-    max_seq_len = _check_max_seq_len(max_seq_len, max(prompt_max + gen_max, join_prompt_len + 1 if chunks else 0))
+    chunks, max_seq_len = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len,
+                                      join_chunks, repeats, arrival_rate, max_seq_len)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -296,17 +290,17 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         repeats=repeats, seed=seed))
     results["offline"], tokens = _best_of(repeats, {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}, max_batch_size)
     results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
-    _save(partial_json, results)
+    write_json(partial_json, results)
     if arrival_rate:
         arriving = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed, arrival_rate)
         runs = {p: (lambda p=p: drive(engines[p], arriving)) for p in POLICIES}
         results["poisson"] = {"arrival_rate": arrival_rate, **_best_of(repeats, runs, max_batch_size)[0]}
-        _save(partial_json, results)
+        write_json(partial_json, results)
     results["speedup_continuous_over_static"] = {mode: results[mode]["continuous"]["throughput_tok_s"] / results[mode][
         "static"]["throughput_tok_s"] for mode in ("offline", "poisson") if mode in results}
     if compare_hf:
         _compare_hf(results, model, workload, tokens["continuous"], device)
-        _save(partial_json, results)
+        write_json(partial_json, results)
     results["join"] = {"prompt_len": join_prompt_len, "short_prompt_len": prompt_min, "chunks": [
         long_prompt_joins(model, tokenizer, decode, c, join_prompt_len, prompt_min, seed) for c in chunks]}
     results["graphs_compiled_during_timed_runs"] = counters["stats"]["unique_graphs"] - graphs
@@ -316,12 +310,6 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     results["run_wall_s"], results["other_processes_cpu_s"] = time.perf_counter() - started, other.seconds()
     results["copy_bandwidth_gbs_start_end"] = bandwidth + [copy_bandwidth(device) / 1e9]
     return results
-
-
-def _save(path: Optional[str], results: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            _json.dump(results, f, indent=2)
 
 
 def _ms_pair(summary: dict, name: str) -> str:
@@ -394,17 +382,13 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
          arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
          join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
          max_seq_len: Optional[int] = None, json: Optional[str] = None) -> dict:
-    """Serving benchmark on a random model; prints a table and optionally writes JSON.
+    """Serving benchmark on a random model; prints a table and optionally writes JSON (every figure).
 
-    shape: tiny, 134M, 7B, 13B or 70B. device: cuda, cpu, mps or None (the best available). dtype: float32,
-    float16, bfloat16 or None (the device's default). max_batch_size: the engine's slots.
-    requests, prompt_min/prompt_max, gen_min/gen_max (inclusive, gen_min >= 2): the workload; seed: it and the weights.
-    arrival_rate: requests/s of the Poisson run (0 or None: none). prefill_chunk: the engine's prompt tokens per step
-    in the workload runs. join_prompt_len, join_chunks (e.g. 64,512; empty: no join test): the long prompt
-    joining running requests, and the chunk sizes it is read in. compare_hf: also run transformers' generate in
-    static batches. compile: the torch.compile'd decode step (llama/compiled.py). repeats: runs of each workload, the
-    fastest reported. max_seq_len: the model's context (default: the longest prompt + generation of any run).
-    json: a path to write every figure to.
+    shape: tiny, 134M, 7B, 13B or 70B; device, dtype: None for the best available and its default. max_batch_size: the
+    engine's slots. requests, prompt_min/max, gen_min/max (inclusive, gen_min >= 2), seed: the workload (and weights).
+    arrival_rate: of the Poisson run, per second (0: none). prefill_chunk: of the workload runs. join_prompt_len,
+    join_chunks (empty: no join test). repeats: rounds, the fastest of each run reported. max_seq_len: default, the
+    longest prompt + generation of any run. See README.md, "Continuous batching", for every figure.
     """
     results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
                   prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json)

@@ -247,10 +247,15 @@ class PeakMemory:
         return (hwm * 1024 if hwm is not None else self._rusage()) - self.start
 
 
+def write_json(path: Optional[str], results: dict) -> None:
+    """Write results as JSON to path (nothing when path is None)."""
+    if path:
+        with open(path, "w") as f:
+            _json.dump(results, f, indent=2)
+            f.write("\n")
+
+
 def report(table: str, results: dict, json_path: Optional[str]) -> None:
     """Print a benchmark's table and write its results as JSON to json_path (when given)."""
     print(table, flush=True)
-    if json_path:
-        with open(json_path, "w") as f:
-            _json.dump(results, f, indent=2)
-            f.write("\n")
+    write_json(json_path, results)
