@@ -87,7 +87,9 @@ class EngineLoop:
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if self._pending + self.engine.num_waiting >= self.max_queue:
+            # Requests not yet in the engine take free slots first; only those beyond them wait.
+            free_slots = self.engine.model.cache_shape[0] - self.engine.num_running
+            if self._pending + self.engine.num_waiting >= self.max_queue + max(0, free_slots):
                 raise QueueFull(f"{self.max_queue} requests are already waiting (--max_queue); retry later")
             self._pending += 1
             key = next(self._keys)
