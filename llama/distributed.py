@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from llama.checks import check_positive_int
+
 # Re-exported for llama/bench.py until it imports them from llama.device.
 
 
@@ -71,8 +73,7 @@ def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if model_parallel_size is None:
         model_parallel_size = world_size
-    if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
-        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             if model_parallel_size != 1:

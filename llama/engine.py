@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from llama.checks import check_positive_int, is_int
 from llama.request import Completion, RequestSpec, StepOutput, check_prompt, check_stop_token_ids
 from llama.sampling import SamplingParams, check_max_gen_len, next_tokens
 from llama.streaming import IncrementalDecoder
@@ -76,8 +77,7 @@ class Engine:
         policy: str = "continuous",
         decode: Optional[Callable] = None,
     ):
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        prefill_chunk = check_positive_int("prefill_chunk", prefill_chunk)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if model.cache_shape is None:
@@ -129,9 +129,10 @@ class Engine:
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        check_max_gen_len(max_gen_len)
-        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= 20:
+        max_gen_len = check_max_gen_len(max_gen_len)
+        if not is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
+        top_logprobs = int(top_logprobs)
         vocab = self.model.vocab_size
         prompt = check_prompt(prompt_tokens, vocab, self.max_seq_len, name)
         return RequestSpec(prompt, sampling, self.max_seq_len if max_gen_len is None else max_gen_len,

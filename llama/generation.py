@@ -10,6 +10,7 @@ from typing import Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Ty
 import torch
 
 from llama.compiled import CompiledDecodeStep
+from llama.checks import check_positive_int, check_seed
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialogs
 from llama import quantize as quantization
 from llama.device import resolve_device, resolve_dtype
@@ -45,11 +46,6 @@ class ChatPrediction(TypedDict, total=False):
     tokens: List[str]  # with logprobs
     logprobs: List[float]  # with logprobs
     stats: Stats  # with logprobs or return_stats
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class Llama:
@@ -92,7 +88,8 @@ class Llama:
         any shard count: model_parallel_size (default: the world size) must divide n_heads and
         divide or be a multiple of n_kv_heads. device: "cuda", "cpu", "mps" or None for the best available.
         dtype: a torch dtype or its name; None for bfloat16 (or float16) on GPUs, float32 on CPU.
-        seed seeds torch's generators on every rank, so all ranks sample the same tokens.
+        seed (an integer from -2**63 to 2**64 - 1) seeds torch's generators on every rank, so all ranks
+        sample the same tokens.
         compile=True compiles the one-token decode step with torch.compile (with CUDA graphs on
         CUDA); the first generation pays the compilation, later ones reuse it.
         quantize: None, "int8" (per-output-channel scales) or "int4" / "int4-g32" / "int4-g64" /
@@ -103,8 +100,9 @@ class Llama:
         equal to its scheme) on as many ranks as it has shards. See llama/quantize.py.
         """
         start = time.perf_counter()
-        _check_positive_int("max_seq_len", max_seq_len)
-        _check_positive_int("max_batch_size", max_batch_size)
+        max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        max_batch_size = check_positive_int("max_batch_size", max_batch_size)
+        seed = check_seed(seed)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         scheme = quantization.parse_quantize(quantize)

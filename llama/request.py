@@ -3,13 +3,15 @@
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from llama.checks import is_int
 from llama.sampling import SamplingParams
 
 
 def check_prompt(prompt, vocab_size: int, max_seq_len: int, name: str = "prompt") -> List[int]:
     """The prompt as a list of token ids, or ValueError saying what is wrong with it."""
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if not isinstance(prompt, (list, tuple)) or not all(is_int(t) for t in prompt):
         raise ValueError(f"{name} must be a list of token ids (ints), got {type(prompt).__name__}")
+    prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError(f"{name} is empty; give at least one token (text prompts start with BOS)")
     if len(prompt) > max_seq_len:
@@ -20,16 +22,15 @@ def check_prompt(prompt, vocab_size: int, max_seq_len: int, name: str = "prompt"
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-    return list(prompt)
+    return prompt
 
 
 def check_stop_token_ids(stop_token_ids, vocab_size: int) -> Tuple[int, ...]:
+    """The stop token ids as a tuple of plain ints, or ValueError."""
     ids = () if stop_token_ids is None else stop_token_ids
-    if isinstance(ids, int) or not isinstance(ids, (list, tuple, set, frozenset)) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids
-    ):
+    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(is_int(t) and 0 <= t < vocab_size for t in ids):
         raise ValueError(f"stop_token_ids must be a list of token ids in [0, {vocab_size}), got {stop_token_ids!r}")
-    return tuple(ids)
+    return tuple(int(t) for t in ids)
 
 
 @dataclass

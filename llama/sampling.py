@@ -7,18 +7,16 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+from llama.checks import as_float, check_seed, is_int
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_max_gen_len(max_gen_len: Optional[int]) -> None:
-    if max_gen_len is not None and (not _is_int(max_gen_len) or max_gen_len < 1):
+def check_max_gen_len(max_gen_len: Optional[int]) -> Optional[int]:
+    """max_gen_len as a plain int (or None), or ValueError."""
+    if max_gen_len is None:
+        return None
+    if not is_int(max_gen_len) or max_gen_len < 1:
         raise ValueError(f"max_gen_len must be an integer >= 1 (or None for the longest possible), got {max_gen_len!r}")
+    return int(max_gen_len)
 
 
 @dataclass(frozen=True)
@@ -31,8 +29,8 @@ class SamplingParams:
     repetition_penalty: CTRL's penalty over tokens already in the sequence (prompt included):
         their positive logits are divided by it, negative ones multiplied. 1.0 is off.
     stop: strings that end generation when they appear in the decoded text, which is cut before them.
-    seed: None uses torch's global generator (seeded by Llama.build); an int makes this call
-        reproducible on its own, on any world size.
+    seed: None uses torch's global generator (seeded by Llama.build); an integer from -2**63 to 2**64 - 1
+        makes this call reproducible on its own, on any world size.
     frequency_penalty, presence_penalty: OpenAI's additive penalties in [-2, 2] over the tokens
         generated so far: a token's logit loses frequency_penalty per time it was generated, and
         presence_penalty once if it was. 0 is off.
@@ -48,28 +46,35 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def __post_init__(self):
-        if not _is_number(self.temperature) or not self.temperature >= 0 or math.isinf(self.temperature):
+        # Numbers of any type (numpy's too) are checked and kept as plain Python ones, which pickle and compare alike.
+        temperature, top_p, penalty = (as_float(x) for x in (self.temperature, self.top_p, self.repetition_penalty))
+        if temperature is None or not 0 <= temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if top_p is None or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None (off) or an integer >= 1, got {self.top_k!r}")
-        penalty = self.repetition_penalty
-        if not _is_number(penalty) or not 1e-6 <= penalty <= 1e6:
+        if penalty is None or not 1e-6 <= penalty <= 1e6:
             # Far beyond a factor of a million either way, a penalised logit can overflow to infinity.
-            raise ValueError(f"repetition_penalty must be a number from 1e-6 to 1e6 (1.0 is off), got {penalty!r}")
+            raise ValueError(f"repetition_penalty must be a number from 1e-6 to 1e6 (1.0 is off), "
+                             f"got {self.repetition_penalty!r}")
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", penalty)):
+            object.__setattr__(self, name, value)
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", int(self.top_k))
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if stop is None:
             stop = ()
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", check_seed(self.seed))
         for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be a number from -2 to 2 (0 is off), got {value!r}")
+            value = as_float(getattr(self, name))
+            if value is None or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number from -2 to 2 (0 is off), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
 
     @property
     def counts_tokens(self) -> bool:

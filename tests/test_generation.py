@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,22 @@ def test_sampling_is_reproducible_with_the_build_seed(tiny_checkpoints, tiny_tok
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+    assert sample(np.int64(7)) == sample(7)
+
+
+@pytest.mark.parametrize("seed", [1.5, 1.0, True, "1", None, 2**70, -(2**63) - 1])
+def test_the_build_seed_follows_the_one_seed_rule(tiny_checkpoints, tiny_tokenizer_path, seed):
+    """The per-call rule: an integer torch accepts (1.5 was taken as 1; 2**70 gave "Overflow when unpacking long long")."""
+    with pytest.raises(ValueError, match=r"seed must be an integer from -2\*\*63 to 2\*\*64 - 1"):
+        Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), MAX_SEQ_LEN, 3, seed=seed, device="cpu")
+
+
+def test_build_takes_numpy_integers(tiny_checkpoints, tiny_tokenizer_path):
+    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), np.int64(MAX_SEQ_LEN), np.int32(2),
+                    seed=np.uint64(2**64 - 1), device="cpu")
+    assert type(g.model.params.max_seq_len) is int and g.model.params.max_seq_len == MAX_SEQ_LEN
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
+        Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), MAX_SEQ_LEN, np.float32(2), device="cpu")
 
 
 def test_tiny_top_p_is_greedy(generator):

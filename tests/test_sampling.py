@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,11 @@ def test_per_call_seed_is_reproducible(generator):
         ({"stop": [3]}, "stop"),
         ({"seed": "abc"}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": 2**64}, r"seed must be an integer from -2\*\*63 to 2\*\*64 - 1"),
+        ({"seed": -(2**63) - 1}, "seed must be an integer from"),
+        ({"top_k": np.float32(2)}, "top_k"),
     ],
 )
 def test_bad_sampling_controls_are_refused(generator, kwargs, match):
@@ -215,3 +221,34 @@ def test_a_tiny_temperature_behaves_as_greedy_and_a_tiny_penalty_is_refused():
     for penalty in (1e-40, 1e-7, 1e7, float("inf")):
         with pytest.raises(ValueError, match="repetition_penalty must be a number from 1e-6 to 1e6"):
             SamplingParams(repetition_penalty=penalty)
+
+
+def test_the_seed_range_is_the_one_torch_accepts(generator):
+    """Both ends of torch's range work per call (an int beyond it was "Overflow when unpacking long long")."""
+    for seed in (-(2**63), 2**64 - 1, np.uint64(2**64 - 1)):
+        first = generator.generate(PROMPTS[:1], max_gen_len=4, temperature=1.0, seed=seed)[0]
+        assert generator.generate(PROMPTS[:1], max_gen_len=4, temperature=1.0, seed=seed)[0] == first
+    assert SamplingParams(seed=np.int64(7)).seed == 7 and type(SamplingParams(seed=np.int64(7)).seed) is int
+
+
+def test_numpy_numbers_are_numbers(generator):
+    """np.float32 / np.int64 arguments give what the same Python numbers give, and are kept as plain Python ones."""
+    plain = dict(temperature=0.8, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=3, max_gen_len=6)
+    numpy = dict(temperature=np.float32(0.8), top_p=np.float32(0.9), top_k=np.int64(5),
+                 repetition_penalty=np.float16(1.1), seed=np.int32(3), max_gen_len=np.int64(6))
+    numpy_prompts = [[np.int64(t) for t in p] for p in PROMPTS]
+    tokens = generator.generate(numpy_prompts, stop_token_ids=[np.int64(2)], **numpy)[0]
+    assert tokens == generator.generate(PROMPTS, stop_token_ids=[2], **{**plain, "temperature": float(np.float32(0.8)),
+                                        "top_p": float(np.float32(0.9)), "repetition_penalty": float(np.float16(1.1))})[0]
+    assert generator.text_completion(["Hello"], **numpy)[0]["generation"] == \
+        generator.text_completion(["Hello"], **{**numpy, "temperature": float(np.float32(0.8))})[0]["generation"]
+    params = SamplingParams(np.float32(0.5), np.float64(0.25), np.int8(3), np.float32(2), (), np.int64(1),
+                            np.float32(0.5), np.int64(-1))
+    assert [type(getattr(params, f)) for f in ("temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                                                "frequency_penalty", "presence_penalty")] == \
+        [float, float, int, float, int, float, float]
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=10**400)  # finite but not a float: refused, not an OverflowError
+    with pytest.raises(ValueError, match="top_logprobs"):
+        generator.engine.make_spec([1, 2], top_logprobs=np.float32(2))
+    assert generator.engine.make_spec([1, 2], max_gen_len=np.int64(3), top_logprobs=np.int64(2)).top_logprobs == 2
