@@ -5,6 +5,8 @@ count, and the one loop that loads planned tensors into a model (load_weights)."
 import json
 import math
 import pickle
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Protocol, Tuple
@@ -39,19 +41,56 @@ class CheckpointReader(Protocol):
         """Elements [start, stop) along dim of the whole tensor (all of it when dim is None)."""
 
 
+_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def require_regular_file(path: Path) -> None:
+    """CheckpointError if path exists but is not a regular file (a symlink to one is fine).
+
+    Checked before opening: opening a FIFO blocks until something writes to it, forever, and a device never ends.
+    A missing path passes: the callers say what is missing in their own words.
+    """
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:  # a symlink loop, no permission
+        raise CheckpointError(f"{str(path)!r} cannot be read: {e.strerror}") from e
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a plain file")
+        raise CheckpointError(f"{str(path)!r} is {kind}, not a regular file; put the real file in its place")
+
+
 def checkpoint_shards(ckpt_dir: Path) -> List[Path]:
-    """The consolidated.NN.pth files of ckpt_dir in rank order."""
+    """The consolidated.NN.pth files of ckpt_dir in rank order, 00 to the last with none missing."""
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; pass --ckpt_dir llama-2-7b (the folder download.sh made)")
-    shards = sorted(ckpt_dir.glob("*.pth"))
-    if not shards:
+    files = sorted(ckpt_dir.glob("*.pth"))
+    if not files:
         raise FileNotFoundError(f"no *.pth checkpoint files in {str(ckpt_dir)!r}; is the download complete?")
+    # Only consolidated.NN.pth is a shard: any other .pth (a backup, a copy) would be read as one more rank.
+    others = [p.name for p in files if not _SHARD_NAME.fullmatch(p.name)]
+    if others:
+        raise CheckpointError(
+            f"{str(ckpt_dir)!r} holds {', '.join(map(repr, others))} beside its shards; only consolidated.NN.pth "
+            f"files are shards: move {'it' if len(others) == 1 else 'them'} out of the checkpoint directory"
+        )
+    shards = sorted(files, key=lambda p: int(_SHARD_NAME.fullmatch(p.name).group(1)))
+    missing = sorted(set(range(len(shards))) - {int(_SHARD_NAME.fullmatch(p.name).group(1)) for p in shards})
+    if missing:
+        raise CheckpointError(
+            f"{str(ckpt_dir)!r} has {len(shards)} shards but no consolidated.{missing[0]:02d}.pth; the shards must be "
+            f"numbered 00 to {len(shards) - 1:02d} (is the download complete?)"
+        )
     return shards
 
 
 def load_params(ckpt_dir: Path) -> dict:
     """The model hyperparameters of params.json, checked for names and types."""
     path = ckpt_dir / "params.json"
+    require_regular_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing; every Llama 2 checkpoint folder has one")
     try:
@@ -100,6 +139,7 @@ def check_float_params(params: dict, where: str) -> None:
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map a shard without running pickle code: tensors page in from disk as they are used."""
+    require_regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:

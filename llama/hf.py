@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, CheckpointError, check_float_params, load_shard
+from llama.checkpoint import IGNORED_KEYS, CheckpointError, check_float_params, load_shard, require_regular_file
 from llama.model import ModelArgs
 
 try:  # safetensors' error type (a plain Exception subclass); older releases hide it
@@ -224,6 +224,7 @@ class HFCheckpoint:
     def __init__(self, ckpt_dir: Union[str, Path]):
         self.dir = Path(ckpt_dir)
         config_path = self.dir / "config.json"
+        require_regular_file(config_path)
         if not config_path.is_file():
             raise FileNotFoundError(f"{str(config_path)!r} is missing; a Hugging Face model directory has one")
         self.config = _read_json(config_path)
@@ -262,6 +263,7 @@ class HFCheckpoint:
 
     def _open(self, file: str):
         path = self.dir / file
+        require_regular_file(path)
         if not path.is_file():
             raise CheckpointError(f"{str(path)!r} is missing; the checkpoint's index lists weights in it (incomplete download?)")
         if self.format == "bin":

@@ -47,7 +47,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from llama.checkpoint import CheckpointError, LoadHook, StateDictReader, TensorSlice, whole_plan
+from llama.checkpoint import CheckpointError, LoadHook, StateDictReader, TensorSlice, require_regular_file, whole_plan
 from llama.quantized_linear import (  # noqa: F401 (the layer and its weight math, public here too)
     QuantizedLinear,
     QuantScheme,
@@ -274,6 +274,7 @@ def stored_plan(model: nn.Module, ckpt_dir: Path, stored: dict, rank: int, devic
     checkpoint.load_weights puts them into the float model (meta device is fine)."""
     check_support(stored["scheme"], device, dtype)
     path = _shard_path(ckpt_dir, rank)
+    require_regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError as e:

@@ -1,15 +1,19 @@
 """The Llama 2 SentencePiece tokenizer."""
 
 import os
+from pathlib import Path
 from typing import List
 
 from sentencepiece import SentencePieceProcessor
+
+from llama.checkpoint import require_regular_file
 
 
 class Tokenizer:
     """Encodes text to token ids and back with a SentencePiece model file (Llama 2's tokenizer.model)."""
 
     def __init__(self, model_path: str):
+        require_regular_file(Path(model_path))
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model {model_path!r} not found; pass --tokenizer_path pointing at tokenizer.model"

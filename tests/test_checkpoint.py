@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,37 @@ def test_split_dims_are_those_of_metas_shards(tiny_vocab):
 def test_a_tensor_that_does_not_split_over_the_ranks_is_refused(tiny_checkpoints):
     with pytest.raises(CheckpointError, match="'tok_embeddings.weight' of size 64 along dim 1 does not split over 3 ranks"):
         rank_plan(MetaCheckpoint(tiny_checkpoints[(None, 1)]), 4, 16, 0, 3)
+
+
+def test_only_consolidated_nn_pth_files_are_shards(ckpt, tiny_tokenizer_path):
+    shutil.copy(ckpt / "consolidated.00.pth", ckpt / "consolidated.00.backup.pth")
+    with pytest.raises(CheckpointError, match=r"holds 'consolidated.00.backup.pth' beside its shards.*move it out"):
+        build(ckpt, tiny_tokenizer_path)
+    (ckpt / "consolidated.00.backup.pth").rename(ckpt / "consolidated.02.pth")
+    with pytest.raises(CheckpointError, match="has 2 shards but no consolidated.01.pth"):
+        build(ckpt, tiny_tokenizer_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("name", ["consolidated.00.pth", "params.json", "tokenizer"])
+def test_a_fifo_is_refused_before_it_is_opened(ckpt, tiny_tokenizer_path, name):
+    """Opening a FIFO for reading waits for a writer: the build would hang forever."""
+    tokenizer = tiny_tokenizer_path
+    if name == "tokenizer":
+        tokenizer = path = ckpt / "tokenizer.model"
+    else:
+        path = ckpt / name
+        path.unlink()
+    os.mkfifo(path)
+
+    def hung(signum, frame):
+        raise TimeoutError(f"the build waited on the FIFO {name}")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pytest.raises(CheckpointError, match=f"{name}.* is a FIFO \\(named pipe\\), not a regular file"):
+            build(ckpt, tokenizer)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
