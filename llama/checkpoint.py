@@ -137,6 +137,30 @@ def check_float_params(params: dict, where: str) -> None:
             raise CheckpointError(f"{where}: {key}={value!r} must be a finite number from {low:g} to {high:g}")
 
 
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
+
+
+def check_params_match(reader: CheckpointReader, params: dict, where: str) -> None:
+    """CheckpointError where the hyperparameters (params.json's names, from the file named by where) disagree
+    with what the checkpoint's tensor names and shapes say at no cost: the number of layers and dim.
+
+    Checked before the model is built: a wrong n_layers or dim in the file would otherwise build that
+    model (a million layers, say) before the weights' names and shapes are compared.
+    """
+    keys = list(reader.keys())
+    layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, keys) if m}
+    found = {"layers": max(layers) + 1 if layers else 0}
+    if "tok_embeddings.weight" in keys:
+        found["dim"] = reader.shape("tok_embeddings.weight")[1]
+    for name, key in (("layers", "n_layers"), ("dim", "dim")):
+        if name in found and params[key] != found[name]:
+            said = f"{params[key]} layers" if name == "layers" else f"dim {params[key]}"
+            raise CheckpointError(
+                f"{where} has {said}, the checkpoint {found[name]}; the file does not belong to these weights: "
+                f"use the one that came with them"
+            )
+
+
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map a shard without running pickle code: tensors page in from disk as they are used."""
     require_regular_file(path)

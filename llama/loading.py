@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from llama import quantize as quantization
-from llama.checkpoint import CheckpointError, CheckpointReader, MetaCheckpoint, load_params, load_weights, rank_plan
+from llama.checkpoint import (CheckpointError, CheckpointReader, MetaCheckpoint, check_params_match, load_params,
+                              load_weights, rank_plan)
 from llama.distributed import model_parallel_rank, model_parallel_world_size
 from llama.hf import HFCheckpoint
 
@@ -30,10 +31,14 @@ def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
             f"as it is, but it cannot be resharded or converted; convert the original float checkpoint instead"
         )
     is_meta = (ckpt_dir / "params.json").exists() or any(ckpt_dir.glob("*.pth"))
-    if not is_meta and (ckpt_dir / "config.json").is_file():
+    if not is_meta and (ckpt_dir / "config.json").exists():
         reader = HFCheckpoint(ckpt_dir)
-        return reader, reader.params
-    return MetaCheckpoint(ckpt_dir), load_params(ckpt_dir)
+        params, file = reader.params, "config.json"
+    else:
+        reader = MetaCheckpoint(ckpt_dir)
+        params, file = load_params(ckpt_dir), "params.json"
+    check_params_match(reader, params, repr(str(ckpt_dir / file)))
+    return reader, params
 
 
 @dataclass

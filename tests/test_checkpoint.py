@@ -9,6 +9,7 @@ import torch
 
 from llama import Llama
 from llama.checkpoint import CheckpointError, MetaCheckpoint, rank_plan
+from llama.convert import reshard
 from llama.parallel import split_dim
 from tests.checkpoints import SPLIT_DIM, random_state_dict, tiny_params, write_checkpoint
 
@@ -82,9 +83,32 @@ def test_params_json_not_matching_the_weights(ckpt, tiny_tokenizer_path):
     (ckpt / "params.json").write_text(json.dumps(tiny_params(-1)))  # says MHA, weights are GQA
     with pytest.raises(CheckpointError, match=r"tensor 'layers.0.attention.wk.weight' has shape \(32, 64\)"):
         build(ckpt, tiny_tokenizer_path)
-    (ckpt / "params.json").write_text(json.dumps(tiny_params(-1, n_kv_heads=2, n_layers=3)))
-    with pytest.raises(CheckpointError, match=r"missing \['layers.2."):
+    (ckpt / "params.json").write_text(json.dumps(tiny_params(-1, n_kv_heads=2)))
+    shard = ckpt / "consolidated.00.pth"
+    sd = torch.load(shard, weights_only=True)
+    del sd["layers.1.feed_forward.w2.weight"]
+    torch.save(sd, shard)
+    with pytest.raises(CheckpointError, match=r"missing \['layers.1.feed_forward.w2.weight'\]"):
         build(ckpt, tiny_tokenizer_path)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"n_layers": 3}, "params.json' has 3 layers, the checkpoint 2"),
+    ({"n_layers": 1_000_000}, "params.json' has 1000000 layers, the checkpoint 2"),
+    ({"dim": 1_000_000, "n_heads": 4}, "params.json' has dim 1000000, the checkpoint 64"),
+])
+def test_params_json_is_compared_with_the_tensors_before_building(ckpt, tiny_tokenizer_path, monkeypatch, change, match):
+    """A million layers in params.json for a 2-layer checkpoint used to build a million layers first."""
+    (ckpt / "params.json").write_text(json.dumps(tiny_params(-1, n_kv_heads=2, **change)))
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before params.json was checked")
+
+    monkeypatch.setattr("llama.model.Transformer.__init__", built)
+    with pytest.raises(CheckpointError, match=match):
+        build(ckpt, tiny_tokenizer_path)
+    with pytest.raises(CheckpointError, match=match):  # and convert reads it the same way
+        reshard(str(ckpt), str(ckpt.parent / "out"), shards=1)
 
 
 def test_unexpected_keys(ckpt, tiny_tokenizer_path):
