@@ -1,6 +1,7 @@
 """Process-group setup for one process per device (torchrun) or a plain process, and this process's ranks."""
 
 import atexit
+import contextlib
 import gc
 import os
 import sys
@@ -94,7 +95,9 @@ def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int
     from fairscale.nn.model_parallel import initialize as mpu
 
     if not mpu.model_parallel_is_initialized():
-        mpu.initialize_model_parallel(model_parallel_size)
+        # fairscale prints "> initializing model parallel ..." lines: set-up notes for stderr, not a program's output.
+        with contextlib.redirect_stdout(sys.stderr):
+            mpu.initialize_model_parallel(model_parallel_size)
     elif mpu.get_model_parallel_world_size() != model_parallel_size:
         raise ValueError(
             f"model parallelism is already set up with size {mpu.get_model_parallel_world_size()}, "
