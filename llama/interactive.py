@@ -44,6 +44,9 @@ COMMANDS = {
     "/help": "list the commands",
 }
 
+#: The first notice of a session, so that it does not open on a bare "User:".
+GREETING = "[one message per line; /help lists the commands; /exit or Ctrl-D ends the chat]"
+
 ReadLine = Callable[[], Optional[str]]  # a line without its newline, or None at end of input
 Write = Callable[[str], None]
 
@@ -113,7 +116,7 @@ def run_chat(
     max_gen_len: Optional[int] = None,
     catch_interrupt: bool = True,
 ) -> ChatHistory:
-    """Chat until /exit or end of input; returns the history as it ended.
+    """Chat until /exit or end of input; returns the history as it ended. The first notice is GREETING.
 
     generator: a `Llama` (or anything with `stream_chat_completion(dialog, ...)`, `tokenizer` and
     `model.params.max_seq_len`). read_line() returns the next input line, or None at end of input.
@@ -129,6 +132,7 @@ def run_chat(
         raise ValueError(f"the system prompt may not contain the chat format's tags {SPECIAL_TAGS}")
     history = ChatHistory(system or None)
 
+    notify(GREETING)
     while True:
         try:
             line = read_line()

@@ -8,7 +8,7 @@ import pytest
 
 from llama import Llama
 from llama.chat_format import encode_dialog
-from llama.interactive import ChatHistory, lines, reply_room, run_chat
+from llama.interactive import GREETING, ChatHistory, lines, reply_room, run_chat
 from tests.conftest import REPO, check_exit, launch
 
 MAX_GEN_LEN = 8
@@ -81,8 +81,9 @@ def test_torchrun_two_ranks_replies_equal_chat_completion_and_old_turns_drop(tin
         tiny_checkpoints[(None, 2)], tiny_tokenizer_path, "".join(t + "\n" for t in TURNS), TORCHRUN_MAX_SEQ_LEN,
         nproc=2, extra=["--system", SYSTEM],
     )
-    replies = printed_replies(proc.stdout)  # stdout holds each reply once: only rank 0 printed
+    replies = printed_replies(proc.stdout)  # stdout holds each reply once: only rank 0 printed (not fairscale's notes)
     assert len(replies) == len(TURNS)
+    assert proc.stderr.count(GREETING) == 1
 
     generator = reference(TORCHRUN_MAX_SEQ_LEN)
     history, drops = [], []
@@ -215,7 +216,7 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on():
     out, notes, history = run(generator, ["hi", "how are you"], temperature=0.3, top_p=0.5, max_gen_len=5)
     assert interrupted.closed
     assert out == "Assistant: Hello\nAssistant: Fine.\n"
-    assert notes == ["[reply interrupted]"]
+    assert notes == [GREETING, "[reply interrupted]"]
     # What was shown of the stopped reply stays in the history.
     dialog, sampling = generator.requests[1]
     assert dialog == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
@@ -283,6 +284,13 @@ def test_fit_and_reply_room():
     assert dropped == 1 and m < n and dialog == [full[0]] + full[3:]
     assert history.fit(tokenizer, "x y z " * 20, n)[0] is None
     assert len(history.exchanges) == 2  # fit changes nothing
+
+
+def test_the_session_opens_on_how_to_get_help_and_leave():
+    """Not on a bare "User:": the first notice names /help and the ways out."""
+    out, notes, _ = run(FakeGenerator([]), ["/exit"])
+    assert out == "" and notes == [GREETING]
+    assert "/help" in GREETING and "/exit" in GREETING and "Ctrl-D" in GREETING
 
 
 def test_special_tags_are_refused_without_generation():
