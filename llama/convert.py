@@ -4,15 +4,22 @@
     python -m llama.convert to_hf llama-2-7b llama-2-7b-hf --dtype bfloat16
     python -m llama.convert to_meta llama-2-7b-hf llama-2-7b-meta --shards 1
 
-The output directory must not exist; it is written under a temporary name and renamed when
-complete, so an interrupted run leaves nothing half-written behind.
+The output directory must not exist; it is written under a temporary name beside it
+(.NAME.<pid>@<host>.<random>) and renamed when complete, so an interrupted run (an error, a full
+disk, Ctrl-C, SIGTERM, SIGHUP) leaves nothing half-written behind; a run killed outright (SIGKILL,
+a power cut) leaves its staging directory, which the next conversion to the same name removes.
+The output gets the permissions of new files under the umask, like any other.
 """
 
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Optional
@@ -28,19 +35,104 @@ from llama.model import ModelArgs
 logger = logging.getLogger(__name__)
 
 
+class _Signalled(BaseException):
+    """SIGTERM or SIGHUP during a conversion, raised in the main thread so that the staging directory is removed.
+    A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """In the block, SIGTERM and SIGHUP raise _Signalled (their default would end the process on the spot, leaving
+    the staging directory). After it, the handlers are the previous ones again, and a signal that came is sent
+    again to them: by default the process then ends as it would have, only later."""
+    names = ("SIGTERM", "SIGHUP")  # SIGHUP does not exist on Windows
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if not received:  # a second one, while cleaning up, is dropped: the first is sent again after it
+            received.append(signum)
+            raise _Signalled(signum)
+
+    previous = {}
+    for sig in (getattr(signal, name) for name in names if hasattr(signal, name)):
+        # Left alone: an ignored signal (nohup ignores SIGHUP) and a handler set outside Python.
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except _Signalled:
+        pass
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if received:
+        os.kill(os.getpid(), received[0])
+        # Still here: the previous handler let the process go on. The output was not written; say so.
+        raise InterruptedError(f"the conversion was interrupted by {signal.Signals(received[0]).name}; nothing was written")
+
+
+def _staging_pattern(dst: Path) -> "re.Pattern[str]":
+    """The names of dst's staging directories: .NAME.<pid>@<host>.<random>."""
+    return re.compile(rf"\.{re.escape(dst.name)}\.(\d+)@(.+)\.[0-9a-f]+")
+
+
+def _remove_stale_staging(dst: Path) -> None:
+    """Remove the staging directories of dst that a conversion on this host left when it was killed outright."""
+    pattern, host = _staging_pattern(dst), socket.gethostname()
+    for path in dst.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match or match.group(2) != host or not path.is_dir() or path.is_symlink():
+            continue  # another host's process may be alive: only this host's pids can be checked
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # alive (perhaps converting to the same name right now)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed %s, the partial output of an earlier conversion (process %d) that was killed", path, pid)
+
+
+def _new_staging_dir(dst: Path) -> Path:
+    while True:
+        tmp = dst.parent / f".{dst.name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()  # mode 0o777 less the umask, as for any new directory (mkdtemp's would be 0o700)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def _staging(dst: Path) -> Iterator[Path]:
-    """A temporary directory beside dst that becomes dst only if the block completes."""
+    """A new directory beside dst that becomes dst only if the block completes; on an error, SIGTERM or SIGHUP,
+    it is removed."""
     if dst.exists():
         raise FileExistsError(f"{str(dst)!r} already exists; choose a new output directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        yield tmp
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _remove_stale_staging(dst)
+    with _signals_raise():
+        tmp = _new_staging_dir(dst)
+        try:
+            yield tmp
+            # Every file as the umask has it, whoever wrote it: the new directory's mode shows the umask
+            # (os.umask would have to change it, for every thread, to read it).
+            file_mode = tmp.stat().st_mode & 0o666
+            for path in tmp.iterdir():
+                path.chmod(file_mode)
+            os.rename(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _resolve_vocab(reader, params: dict) -> dict:
@@ -61,7 +153,8 @@ def _cast(state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     if (src / "tokenizer.model").is_file():
-        shutil.copy2(src / "tokenizer.model", dst / "tokenizer.model")
+        # copyfile, not copy2: the copy gets the umask's permissions, not the source's (0o600, say).
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
 
 
 def write_meta(reader, params: dict, dst: Path, shards: int, dtype: Optional[torch.dtype] = None, src: Optional[Path] = None) -> None:

@@ -1,4 +1,13 @@
 import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +15,7 @@ import torch
 from llama import Llama
 from llama.checkpoint import MetaCheckpoint, load_params, rank_slices
 from llama.convert import reshard
-from tests.conftest import check_exit, launch
+from tests.conftest import REPO, check_exit, launch
 
 
 def tensors(ckpt_dir):
@@ -75,3 +84,101 @@ def test_meta_to_hf_to_meta_is_bit_exact(tmp_path, tiny_checkpoints, tiny_tokeni
     tokens = torch.tensor([[1, 5, 9, 33]])
     logits = [Llama.build(str(d), str(tiny_tokenizer_path), 16, 1, device="cpu").model(tokens, 0) for d in (src, tmp_path / "hf")]
     assert torch.equal(*logits)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+@pytest.mark.parametrize("command", ["reshard", "to_hf"])
+def test_the_output_has_the_permissions_of_the_umask(tmp_path, tiny_checkpoints, umask, command):
+    """The staging directory came from mkdtemp: drwx------, which other users could not read."""
+    from llama.convert import to_hf
+
+    src = Path(shutil.copytree(tiny_checkpoints[(None, 1)], tmp_path / "src"))
+    (src / "tokenizer.model").write_bytes(b"a tokenizer")
+    (src / "tokenizer.model").chmod(0o600)  # as a download may leave it: the copy must not keep that
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        reshard(str(src), str(out), shards=1) if command == "reshard" else to_hf(str(src), str(out))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = list(out.iterdir())
+    assert len(files) == 3 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+
+
+def test_a_signal_handler_of_the_caller_runs_after_the_cleanup(tmp_path, tiny_checkpoints, monkeypatch):
+    """A SIGTERM mid-conversion removes the partial output, then reaches the handler the program had."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch, "save", save)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(InterruptedError, match="interrupted by SIGTERM; nothing was written"):
+            reshard(str(tiny_checkpoints[(None, 2)]), str(tmp_path / "out" / "x"), shards=2)
+        assert received == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+SLOW_CONVERT = """
+import sys, time, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):  # the first shard written, then the conversion waits for the signal
+    real_save(obj, f, *args, **kwargs)
+    print("saved", flush=True)
+    time.sleep(120)
+torch.save = save
+from llama.convert import main
+sys.argv[0] = "llama.convert"
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", 0)], ids=["SIGTERM", "SIGHUP"])
+def test_convert_killed_by_a_signal_leaves_nothing(tmp_path, tiny_checkpoints, signum):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "reshard", str(tiny_checkpoints[(None, 2)]),
+                             str(out / "x"), "--shards", "2"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "saved\n", proc.stderr.read()
+        assert len(list(out.iterdir())) == 1  # the staging directory, with the first shard
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signum  # ended by the signal, as without the handlers
+    assert list(out.iterdir()) == []
+
+
+def test_stale_staging_directories_of_dead_processes_are_removed(tmp_path, tiny_checkpoints, caplog):
+    """What SIGKILL or a power cut leaves behind goes with the next conversion to the same name; nothing else does."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, out = socket.gethostname(), tmp_path / "out"
+    stale = out / f".mp1.{dead.pid}@{host}.0123abcd"
+    stale.mkdir(parents=True)
+    (stale / "consolidated.00.pth").write_bytes(b"partial")
+    kept = [out / f".mp1.{os.getpid()}@{host}.0123abcd",  # a live process: perhaps converting right now
+            out / f".mp1.{dead.pid}@elsewhere-{host}.0123abcd",  # another host's process: cannot be checked
+            out / f".mp2.{dead.pid}@{host}.0123abcd"]  # another output's
+    for path in kept:
+        path.mkdir()
+    with caplog.at_level(logging.WARNING, logger="llama.convert"):
+        reshard(str(tiny_checkpoints[(None, 1)]), str(out / "mp1"), shards=1)
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert f"removed {stale}" in caplog.text and f"(process {dead.pid})" in caplog.text
+    assert (out / "mp1" / "consolidated.00.pth").is_file()
