@@ -11,6 +11,7 @@ a power cut) leaves its staging directory, which the next conversion to the same
 The output gets the permissions of new files under the umask, like any other.
 """
 
+import errno
 import json
 import logging
 import os
@@ -102,6 +103,27 @@ def _remove_stale_staging(dst: Path) -> None:
         logger.warning("removed %s, the partial output of an earlier conversion (process %d) that was killed", path, pid)
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether error is a writer's way of saying that the disk (or the quota) is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save's error for a short write; safetensors' names the OS error.
+    text = str(error)
+    return any(s in text for s in ("unexpected pos", "file write failed", "No space left on device", "os error 28"))
+
+
+def _disk_full(error: BaseException, dst: Path) -> OSError:
+    """The error a person reads for a full disk while writing dst: an OSError(ENOSPC) that says so, for any writer
+    (torch.save's is "inline_container.cc ... unexpected pos")."""
+    free = shutil.disk_usage(dst.parent).free
+    full = OSError(
+        f"the disk is full: writing {str(dst)!r} failed with {free / 1e9:.2f} GB free on its disk; free some space "
+        f"or write to another directory (nothing was written) [{type(error).__name__}: {error}]"
+    )
+    full.errno = errno.ENOSPC
+    return full
+
+
 def _new_staging_dir(dst: Path) -> Path:
     while True:
         tmp = dst.parent / f".{dst.name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}"
@@ -114,8 +136,8 @@ def _new_staging_dir(dst: Path) -> Path:
 
 @contextmanager
 def _staging(dst: Path) -> Iterator[Path]:
-    """A new directory beside dst that becomes dst only if the block completes; on an error, SIGTERM or SIGHUP,
-    it is removed."""
+    """A new directory beside dst that becomes dst only if the block completes; on an error, a full disk (said
+    in plain words), SIGTERM or SIGHUP, it is removed."""
     if dst.exists():
         raise FileExistsError(f"{str(dst)!r} already exists; choose a new output directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +152,11 @@ def _staging(dst: Path) -> Iterator[Path]:
             for path in tmp.iterdir():
                 path.chmod(file_mode)
             os.rename(tmp, dst)
-        except BaseException:
+        except BaseException as e:
+            full = _is_disk_full(e) and _disk_full(e, dst)
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise full from e
             raise
 
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import logging
 import os
@@ -104,6 +105,38 @@ def test_the_output_has_the_permissions_of_the_umask(tmp_path, tiny_checkpoints,
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     files = list(out.iterdir())
     assert len(files) == 3 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+
+
+def _full_disk(monkeypatch, command):
+    """Make the weights' writer fail as it does on a full disk, after writing part of its file."""
+    if command == "reshard":
+        def save(obj, f, *args, **kwargs):
+            Path(f).write_bytes(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        from safetensors import SafetensorError
+
+        def save_file(tensors, filename, metadata=None):
+            Path(filename).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr("safetensors.torch.save_file", save_file)
+
+
+@pytest.mark.parametrize("command", ["reshard", "to_hf"])
+def test_a_full_disk_is_said_in_words_and_leaves_nothing(tmp_path, tiny_checkpoints, monkeypatch, command):
+    from llama.convert import to_hf
+
+    _full_disk(monkeypatch, command)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=f"the disk is full: writing '{out / 'x'}' failed with [\\d.]+ GB free on its "
+                                      f"disk; free some space or write to another directory") as raised:
+        src = str(tiny_checkpoints[(None, 2)])
+        reshard(src, str(out / "x"), shards=1) if command == "reshard" else to_hf(src, str(out / "x"))
+    assert raised.value.errno == errno.ENOSPC
+    assert list(out.iterdir()) == []
 
 
 def test_a_signal_handler_of_the_caller_runs_after_the_cleanup(tmp_path, tiny_checkpoints, monkeypatch):
