@@ -27,8 +27,9 @@ from typing import Dict, Iterator, Optional
 
 import fire
 import torch
+from tqdm import tqdm
 
-from llama.checkpoint import rank_slices
+from llama.checkpoint import CheckpointReader, rank_plan
 from llama.device import resolve_dtype
 from llama.loading import open_checkpoint
 from llama.model import ModelArgs
@@ -171,9 +172,21 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return None if name is None else resolve_dtype(name, torch.device("cpu"))
 
 
-def _cast(state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
-    # clone(): a slice of a memory-mapped tensor would otherwise save its whole storage.
-    return {k: (v.to(dtype) if dtype is not None else v).clone() for k, v in state.items()}
+def _progress(tensors: int) -> tqdm:
+    """The progress bar of every conversion (on stderr, when it is a terminal): tensors read and cast."""
+    return tqdm(total=tensors, desc="Converting", unit="tensor", disable=None)
+
+
+def _read(reader: CheckpointReader, args: ModelArgs, rank: int, world: int, dtype: Optional[torch.dtype],
+          bar: tqdm) -> Dict[str, torch.Tensor]:
+    """rank's part of every tensor (of world ranks), read, cast to dtype, one tensor at a time."""
+    state = {}
+    for key, part in rank_plan(reader, args.kv_heads, args.head_dim, rank, world).items():
+        tensor = part.load()
+        # clone(): a slice of a memory-mapped tensor would otherwise save its whole storage.
+        state[key] = (tensor.to(dtype) if dtype is not None else tensor).clone()
+        bar.update()
+    return state
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -192,11 +205,10 @@ def write_meta(reader, params: dict, dst: Path, shards: int, dtype: Optional[tor
             f"{shards} shards do not split n_heads={args.n_heads} and n_kv_heads={args.kv_heads} evenly; "
             f"choose a divisor of {args.kv_heads} (loading then spreads any shard count over more ranks)"
         )
-    with _staging(dst) as out:
+    with _staging(dst) as out, _progress(len(list(reader.keys())) * shards) as bar:
         (out / "params.json").write_text(json.dumps(params, indent=2))
         for rank in range(shards):
-            state = rank_slices(reader, args.kv_heads, args.head_dim, rank, shards)
-            torch.save(_cast(state, dtype), out / f"consolidated.{rank:02d}.pth")
+            torch.save(_read(reader, args, rank, shards, dtype, bar), out / f"consolidated.{rank:02d}.pth")
             logger.info("wrote shard %d/%d", rank + 1, shards)
         if src is not None:
             _copy_tokenizer(src, out)
@@ -219,9 +231,8 @@ def to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_gb: float =
     reader, params = open_checkpoint(Path(src))
     params = _resolve_vocab(reader, params)
     args = ModelArgs(**params)
-    state = _cast(rank_slices(reader, args.kv_heads, args.head_dim, 0, 1), _dtype(dtype))
-    with _staging(Path(dst)) as out:
-        save_hf(state, params, out, max_shard_bytes=int(max_shard_gb * 1e9))
+    with _staging(Path(dst)) as out, _progress(len(list(reader.keys()))) as bar:
+        save_hf(_read(reader, args, 0, 1, _dtype(dtype), bar), params, out, max_shard_bytes=int(max_shard_gb * 1e9))
         _copy_tokenizer(Path(src), out)
 
 

@@ -1,4 +1,5 @@
 import errno
+import io
 import json
 import logging
 import os
@@ -85,6 +86,23 @@ def test_meta_to_hf_to_meta_is_bit_exact(tmp_path, tiny_checkpoints, tiny_tokeni
     tokens = torch.tensor([[1, 5, 9, 33]])
     logits = [Llama.build(str(d), str(tiny_tokenizer_path), 16, 1, device="cpu").model(tokens, 0) for d in (src, tmp_path / "hf")]
     assert torch.equal(*logits)
+
+
+def test_to_hf_and_reshard_show_one_progress_bar(tmp_path, tiny_checkpoints, monkeypatch):
+    from llama.convert import to_hf
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    src = tiny_checkpoints[(2, 2)]
+    tensors_per_rank = 2 * 9 + 3  # 9 per layer, the embedding, the final norm and the output
+    for convert, total in ((lambda out: to_hf(str(src), str(out)), tensors_per_rank),
+                           (lambda out: reshard(str(src), str(out), shards=2), 2 * tensors_per_rank)):
+        err = Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        convert(tmp_path / f"out{total}")
+        assert "Converting" in err.getvalue() and f"{total}/{total}" in err.getvalue()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
