@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.model import ModelArgs, Transformer, kv_cache_bytes
+from llama.model import ModelArgs, Transformer
 from tests.checkpoints import random_state_dict, tiny_params, write_checkpoint
 from tests.conftest import REPO, check_exit, launch
 
@@ -55,6 +55,8 @@ def test_a_rotary_table_beyond_memory_is_refused_before_it_is_built(tiny_checkpo
 
 
 def test_the_sizes_said_to_fit_do(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
+    from llama.model import kv_cache_bytes
+
     ckpt = tiny_checkpoints[(2, 1)]
     per_slot = kv_cache_bytes(2, 1, 2, 1000, 16, torch.float32)  # 2 layers, 2 kv heads of 16, 1000 positions
     monkeypatch.setattr("llama.model.available_memory", lambda device: 10 * per_slot + per_slot // 2)
