@@ -395,6 +395,17 @@ def test_bad_config(tmp_path, hf_dirs, changes, message):
     assert "config.json" in str(e.value)
 
 
+@pytest.mark.parametrize("changes, message", [({"num_hidden_layers": 1_000_000}, "has 1000000 layers, the checkpoint 2"),
+                                             ({"hidden_size": 4096, "num_attention_heads": 64, "head_dim": 64},
+                                              "has dim 4096, the checkpoint 64")])
+def test_config_not_matching_the_tensors(tmp_path, hf_dirs, changes, message):
+    """Compared before a model is built: it would have a million layers."""
+    d = _copy(hf_dirs[2], tmp_path / "other")
+    _edit_config(d, **changes)
+    with pytest.raises(CheckpointError, match=f"config.json' {message}"):
+        open_checkpoint(d)
+
+
 def test_rope_parameters_of_transformers_5(tmp_path, hf_dirs):
     """transformers 5 writes rope_theta inside rope_parameters."""
     d = _copy(hf_dirs[2], tmp_path / "v5")
