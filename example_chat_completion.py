@@ -13,16 +13,16 @@ Interactive mode reads one user message per line and streams each reply; /reset,
     torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ \
         --tokenizer_path tokenizer.model --interactive --system "Always answer with Haiku"
     printf 'Hi!\nWhat can you do?\n' | python example_chat_completion.py ... --interactive
+
+A mistake in the flags or the files prints one line saying what is wrong; LLAMA_DEBUG=1 shows the full traceback.
 """
 
-import contextlib
 import logging
 import sys
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
+from llama.cli import run
 from llama.distributed import is_printing_rank
 from llama.demo import STOP_TOKEN_IDS, stop_ids, weights_or_demo
 from llama.interactive import printer, run_chat, shared_reader, stdin_reader, world_size
@@ -41,29 +41,42 @@ def main(
     stop_token_ids: Optional[List[int]] = None,
     interactive: bool = False,
     system: Optional[str] = None,
-):
-    """--interactive chats on stdin (--system sets its system prompt; --max_batch_size is unused there,
-    one dialog runs at a time); otherwise a fixed set of dialogs is answered and printed."""
+) -> None:
+    """Reply to a fixed set of dialogs and print them, or with --interactive chat on stdin.
+
+    Args:
+        ckpt_dir: The checkpoint folder: Meta's (params.json and consolidated.NN.pth) or a Hugging Face Llama folder.
+            Give it with --tokenizer_path, or neither to run the bundled demo model.
+        tokenizer_path: The tokenizer.model file (or the folder holding it).
+        temperature: Sampling temperature, >= 0; 0 is greedy (always the likeliest token).
+        top_p: Nucleus sampling, in (0, 1]: draw from the likeliest tokens whose probabilities add up to top_p.
+        max_seq_len: The most tokens of dialog and reply together; the KV cache is sized for it. In a chat, the
+            oldest exchanges are dropped to fit.
+        max_batch_size: How many dialogs run at once (unused with --interactive: one dialog at a time).
+        max_gen_len: The most tokens of each reply; by default as many as fit in max_seq_len.
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default bfloat16 (or float16) on a GPU, float32 on the CPU.
+        stop_token_ids: Token ids that end a reply like EOS, e.g. 1 or [1,2]; by default none (1 for the demo model,
+            which ends a story with BOS).
+        interactive: Chat on stdin: one message per line, each reply streamed; /help lists the commands, /exit or
+            Ctrl-D ends the chat.
+        system: The chat's system prompt (with --interactive only).
+    """
     if system is not None and not interactive:
-        raise SystemExit("--system applies only with --interactive")
+        raise ValueError("--system applies only with --interactive; add --interactive or drop --system")
     if system is not None and not isinstance(system, str):
         system = str(system)  # fire turns values like 42 or [1, 2] into Python objects
     is_rank0 = is_printing_rank()  # only rank 0 reports
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
-    try:
-        ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    # In interactive mode stdout carries only the replies: fairscale's set-up messages go to stderr.
-    with contextlib.redirect_stdout(sys.stderr) if interactive else contextlib.nullcontext():
-        generator = Llama.build(
-            ckpt_dir=ckpt_dir,
-            tokenizer_path=tokenizer_path,
-            max_seq_len=max_seq_len,
-            max_batch_size=1 if interactive else max_batch_size,
-            device=device,
-            dtype=dtype,
-        )
+    ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=1 if interactive else max_batch_size,
+        device=device,
+        dtype=dtype,
+    )
     # Token ids that end every reply besides EOS (--stop_token_ids 1: at BOS, where a stories model ends a story).
     generator.engine.stop_token_ids = stop_ids(stop_token_ids, generator) if stop_token_ids is not None else \
         (STOP_TOKEN_IDS if demo else ())
@@ -128,4 +141,4 @@ def chat(generator: Llama, is_rank0: bool, **settings) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -3,14 +3,16 @@
     python example_text_completion.py
     torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
     python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model --device cpu
+    python example_text_completion.py --help
+
+A mistake in the flags or the files prints one line saying what is wrong; LLAMA_DEBUG=1 shows the full traceback.
 """
 
 import logging
 from typing import List, Optional
 
-import fire
-
 from llama import Llama
+from llama.cli import run
 from llama.distributed import is_printing_rank
 from llama.demo import STOP_TOKEN_IDS, stop_ids, weights_or_demo
 
@@ -29,13 +31,26 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     stop_token_ids: Optional[List[int]] = None,
-):
+) -> None:
+    """Complete a few prompts with a base model and print each prompt with its continuation.
+
+    Args:
+        ckpt_dir: The checkpoint folder: Meta's (params.json and consolidated.NN.pth) or a Hugging Face Llama folder.
+            Give it with --tokenizer_path, or neither to run the bundled demo model.
+        tokenizer_path: The tokenizer.model file (or the folder holding it).
+        temperature: Sampling temperature, >= 0; 0 is greedy (always the likeliest token).
+        top_p: Nucleus sampling, in (0, 1]: draw from the likeliest tokens whose probabilities add up to top_p.
+        max_seq_len: The most tokens of prompt and reply together; the KV cache is sized for it.
+        max_gen_len: The most tokens generated for each prompt.
+        max_batch_size: How many prompts run at once (the KV cache holds this many sequences).
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default bfloat16 (or float16) on a GPU, float32 on the CPU.
+        stop_token_ids: Token ids that end a continuation like EOS, e.g. 1 or [1,2]; by default none (1 for the demo
+            model, which ends a story with BOS).
+    """
     is_rank0 = is_printing_rank()  # only rank 0 reports
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING, format="%(message)s")
-    try:
-        ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -74,4 +89,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -18,14 +18,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from llama.checks import check_seed, is_int
 from llama.device import resolve_device, resolve_dtype
 from llama.distributed import global_rank, setup_model_parallel
 from llama import hf_baseline
 from llama import quantize as quantization
 from llama.generation import Llama
 from llama.measure import (  # noqa: F401 (quantization_error: bench.quantization_error)
-    PeakMemory, agreement, copy_bandwidth, decode_bytes_per_step, device_name, quantization_error, reduce, report,
-    time_calls, tokens_equal_share, weight_bytes,
+    PeakMemory, agreement, check_output_path, copy_bandwidth, decode_bytes_per_step, device_name, quantization_error,
+    reduce, report, time_calls, tokens_equal_share, weight_bytes,
 )
 from llama.model import Transformer
 from llama.random_model import SHAPES, NoTextTokenizer, build_random_model  # noqa: F401 (SHAPES: bench.SHAPES)
@@ -88,18 +89,19 @@ def _bench_generate(generators: Dict[str, Callable[[List[List[int]], int], List[
 
 
 def _check_run_args(prompt_len: int, gen_len: int, batch: int, warmup: int, repeats: int, n_agree: int,
-                    max_seq_len: Optional[int]) -> int:
+                    max_seq_len: Optional[int], seed: int = 0) -> int:
     """ValueError naming a bad argument; else the model's max_seq_len (default prompt_len + gen_len)."""
+    check_seed(seed)
     for name, value, low in (("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2), ("batch", batch, 1),
                              ("warmup", warmup, 0), ("repeats", repeats, 1),
                              ("agreement_prompts", n_agree, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if max_seq_len is None:
         return prompt_len + gen_len
-    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < prompt_len + gen_len:
+    if not is_int(max_seq_len) or max_seq_len < prompt_len + gen_len:
         raise ValueError(f"max_seq_len must be an integer >= prompt_len + gen_len = {prompt_len + gen_len}, got {max_seq_len!r}")
-    return max_seq_len
+    return int(max_seq_len)
 
 
 def _change_model(model: Transformer, tokenizer, prompts: List[List[int]], batch: int, gen_len: int,
@@ -222,7 +224,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         max_seq_len: Optional[int] = None, agreement_prompts: Optional[int] = None) -> dict:
     """Run the benchmark and return its results (see main for the arguments)."""
     n_agree = batch if agreement_prompts is None else agreement_prompts
-    max_seq_len = _check_run_args(prompt_len, gen_len, batch, warmup, repeats, n_agree, max_seq_len)
+    max_seq_len = _check_run_args(prompt_len, gen_len, batch, warmup, repeats, n_agree, max_seq_len, seed)
     device, dtype, baseline_dtype, scheme, world, world_size = _setup(device, dtype, baseline_dtype, quantize, compare_hf)
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -372,21 +374,28 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
          repeats: int = 3, seed: int = 0, compile: bool = False, quantize: Optional[str] = None,
          baseline_dtype: Optional[str] = None, max_seq_len: Optional[int] = None,
          agreement_prompts: Optional[int] = None) -> dict:
-    """Benchmark generation on a random model; print a table (rank 0) and optionally write JSON.
+    """Benchmark generation on a random model (no weights needed); print a table (rank 0) and optionally write JSON.
 
-    shape: one of tiny, 134M, 7B, 13B, 70B. device: cuda, cpu, mps or None (the best available).
-    dtype: float32, float16, bfloat16 or None (the device's default). prompt_len: prompt tokens.
-    gen_len: tokens generated per row (>= 2). batch: the larger batch timed besides batch 1.
-    compare_hf: also time transformers' LlamaForCausalLM.generate on the same weights.
-    json: a path to write the results to (rank 0). warmup, repeats: untimed and timed runs of each
-    measurement (the best is reported). seed: weights and prompts.
-    compile: generate through Llama(..., compile=True), the torch.compile'd decode step.
-    quantize: None, int8 or int4[-gN]: time the model with its weights quantized (see llama/quantize.py).
-    baseline_dtype: the dtype the random weights are made in (default: dtype), in which transformers runs
-    and against which, when dtype differs or quantize is set, greedy-token agreement and logit error are reported.
-    max_seq_len: the context the model and its KV cache are built for (default prompt_len + gen_len).
-    agreement_prompts: how many prompts the agreement with the baseline is measured on (default: batch).
+    Args:
+        shape: The model's shape: tiny, 134M, 7B, 13B or 70B.
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
+        prompt_len: Tokens in each (random) prompt.
+        gen_len: Tokens generated for each prompt, at least 2.
+        batch: The larger batch timed besides batch 1.
+        compare_hf: Also time transformers' LlamaForCausalLM.generate on the same weights.
+        json: A file to write every figure to as JSON (by rank 0); its folder must exist.
+        warmup: Untimed runs before each measurement.
+        repeats: Timed runs of each measurement; the fastest is reported.
+        seed: Seeds the random weights and prompts.
+        compile: Generate through the torch.compile'd decode step.
+        quantize: int8 or int4[-gN] to time the model with quantized weights (see llama/quantize.py); by default none.
+        baseline_dtype: The dtype the random weights are made in (by default dtype), in which transformers runs and
+            against which, when dtype differs or quantize is set, greedy-token agreement and logit error are reported.
+        max_seq_len: The context the model and its KV cache are built for; by default prompt_len + gen_len.
+        agreement_prompts: How many prompts the agreement with the baseline is measured on; by default batch.
     """
+    json = check_output_path(json)
     results = run(shape, device, dtype, prompt_len, gen_len, batch, compare_hf, warmup, repeats, seed, compile,
                   quantize, baseline_dtype, max_seq_len, agreement_prompts)
     if global_rank() == 0:
@@ -395,6 +404,6 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run as run_cli
 
-    fire.Fire(main, serialize=lambda result: None)  # the table is the output, not the returned dict
+    run_cli(main, serialize=lambda result: None)  # the table is the output, not the returned dict

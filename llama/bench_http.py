@@ -41,7 +41,7 @@ from llama.bench_serving import GREEDY, Request, Trace, make_workload, summarize
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import device_name, report, tokens_equal_share
+from llama.measure import check_output_path, device_name, report, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
 
 
@@ -325,7 +325,8 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
     """Run the HTTP benchmark and return its results (see main for the arguments)."""
     limit = _check(concurrency, arrival_rate)
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
-    bs._check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, 1, (), repeats, arrival_rate or None)
+    bs._check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, 1, (), repeats, arrival_rate or None,
+                   seed=seed)
     mode = {"concurrency": limit} if limit else {"arrival_rate": arrival_rate}
     settings = dict(requests=requests, prompt_len=list(prompt_range), max_tokens=list(gen_range), seed=seed,
                     repeats=repeats, **mode)
@@ -399,18 +400,33 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
          arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
          gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
          vocab_size: int = 32000, prefill_chunk: int = 512, repeats: int = 1, json: Optional[str] = None) -> dict:
-    """HTTP serving benchmark; prints a table and optionally writes JSON.
+    """HTTP serving benchmark: llama.bench_serving's workload sent to /v1/completions; prints a table and optionally
+    writes JSON.
 
-    url: a running server (its /v1/completions); without it a server on a random model is started in this
-    process and the workload also runs directly on the engine. concurrency: requests in flight at once;
-    arrival_rate: requests/s of a Poisson process instead (no limit in flight). requests, prompt_min/prompt_max,
-    gen_min/gen_max (inclusive; max_tokens), seed: the workload (llama.bench_serving's). repeats: runs, the
-    fastest reported. json: a path to write every figure to.
-    With url: model (default: the first of /v1/models), api_key (default: $LLAMA_API_KEY), vocab_size (the
-    token ids of the random prompts are below it; 32000, Llama 2's).
-    In process: shape (tiny, 134M, 7B, 13B, 70B), device, dtype, max_batch_size (the engine's slots), compile
-    (the torch.compile'd decode step), prefill_chunk.
+    Args:
+        url: A running server's address, e.g. http://127.0.0.1:8000; without it a server on a random model is started
+            in this process and the workload also runs directly on the engine, for comparison.
+        shape: In process: the random model's shape, tiny, 134M, 7B, 13B or 70B.
+        device: In process: cuda, cpu or mps; by default the best available.
+        dtype: In process: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
+        max_batch_size: In process: the engine's slots (requests generated at once).
+        compile: In process: generate through the torch.compile'd decode step.
+        requests: Requests in the workload.
+        concurrency: Requests in flight at once (each sent when another ends).
+        arrival_rate: Requests per second of a Poisson process instead of --concurrency (no limit in flight).
+        prompt_min: The shortest prompt, in tokens (prompt lengths are uniform from prompt_min to prompt_max).
+        prompt_max: The longest prompt, in tokens.
+        gen_min: The fewest tokens a request asks for (max_tokens), at least 2.
+        gen_max: The most tokens a request asks for.
+        seed: Seeds the workload (and in process the random weights).
+        model: With --url: the model name to ask for; by default the first of the server's /v1/models.
+        api_key: With --url: the server's API key; by default the LLAMA_API_KEY environment variable.
+        vocab_size: With --url: the random prompts' token ids are below it (32000 is Llama 2's vocabulary).
+        prefill_chunk: In process: the most prompt tokens read in one engine step.
+        repeats: Runs; the fastest is reported.
+        json: A file to write every figure to as JSON; its folder must exist.
     """
+    json = check_output_path(json)
     results = run(url, shape, device, dtype, max_batch_size, compile, requests, concurrency, arrival_rate, prompt_min,
                   prompt_max, gen_min, gen_max, seed, model, api_key, vocab_size, prefill_chunk, repeats)
     report(format_table(results), results, json)
@@ -418,6 +434,6 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run as run_cli
 
-    fire.Fire(main, serialize=lambda result: None)  # the table is the output, not the returned dict
+    run_cli(main, serialize=lambda result: None)  # the table is the output, not the returned dict

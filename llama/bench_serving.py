@@ -22,10 +22,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from llama import hf_baseline
+from llama.checks import check_positive_int, check_seed
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import OtherLoad, copy_bandwidth, device_name, percentile, report, tokens_equal_share, write_json
+from llama.measure import (OtherLoad, check_output_path, copy_bandwidth, device_name, percentile, report,
+                           tokens_equal_share, write_json)
 from llama.random_model import NoTextTokenizer, build_random_model
 from llama.sampling import SamplingParams
 
@@ -207,16 +209,16 @@ def long_prompt_joins(model, tokenizer, decode, chunk: int, prompt_len: int, sho
 
 def _positive_ints(**values) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)
 
 
 def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
-                repeats, arrival_rate, max_seq_len=None):
+                repeats, arrival_rate, max_seq_len=None, seed=0):
     """ValueError naming a bad argument; else the join test's chunk sizes as a list, and max_seq_len (by default
     the longest prompt and generation of any run)."""
     _positive_ints(max_batch_size=max_batch_size, requests=requests, prompt_min=prompt_range[0], gen_min=gen_range[0],
                    prefill_chunk=prefill_chunk, join_prompt_len=join_prompt_len, repeats=repeats)
+    check_seed(seed)
     for name, (low, high) in (("prompt", prompt_range), ("gen", gen_range)):
         if not isinstance(high, int) or isinstance(high, bool) or high < low:
             raise ValueError(f"{name}_max must be an integer >= {name}_min = {low}, got {high!r}")
@@ -270,7 +272,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     gets the results so far after each part (a long run that is stopped keeps what it measured)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     chunks, max_seq_len = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len,
-                                      join_chunks, repeats, arrival_rate, max_seq_len)
+                                      join_chunks, repeats, arrival_rate, max_seq_len, seed)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -382,14 +384,31 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
          arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
          join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
          max_seq_len: Optional[int] = None, json: Optional[str] = None) -> dict:
-    """Serving benchmark on a random model; prints a table and optionally writes JSON (every figure).
+    """Serving benchmark on a random model: continuous against static batching on a mixed workload; prints a table
+    and optionally writes JSON (every figure). See README.md, "Continuous batching", for every figure.
 
-    shape: tiny, 134M, 7B, 13B or 70B; device, dtype: None for the best available and its default. max_batch_size: the
-    engine's slots. requests, prompt_min/max, gen_min/max (inclusive, gen_min >= 2), seed: the workload (and weights).
-    arrival_rate: of the Poisson run, per second (0: none). prefill_chunk: of the workload runs. join_prompt_len,
-    join_chunks (empty: no join test). repeats: rounds, the fastest of each run reported. max_seq_len: default, the
-    longest prompt + generation of any run. See README.md, "Continuous batching", for every figure.
+    Args:
+        shape: The model's shape: tiny, 134M, 7B, 13B or 70B.
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
+        max_batch_size: The engine's slots (requests generated at once).
+        requests: Requests in the workload.
+        prompt_min: The shortest prompt, in tokens (prompt lengths are uniform from prompt_min to prompt_max).
+        prompt_max: The longest prompt, in tokens.
+        gen_min: The fewest tokens a request generates, at least 2.
+        gen_max: The most tokens a request generates.
+        arrival_rate: Requests per second of the Poisson-arrivals run; 0 for no such run.
+        prefill_chunk: The most prompt tokens read in one engine step, in the workload runs.
+        join_prompt_len: The long prompt's length in the join test (a long prompt joining running requests).
+        join_chunks: Prefill chunk sizes the join test runs with, e.g. [64,512]; [] for no join test.
+        compare_hf: Also run the workload through transformers' generate in static batches.
+        compile: Generate through the torch.compile'd decode step.
+        repeats: Rounds of every run; the fastest of each is reported.
+        seed: Seeds the workload and the random weights.
+        max_seq_len: The context the model is built for; by default the longest prompt and generation of any run.
+        json: A file to write every figure to as JSON (also after each part of the run); its folder must exist.
     """
+    json = check_output_path(json)
     results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
                   prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json)
     report(format_table(results), results, json)
@@ -397,6 +416,6 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run as run_cli
 
-    fire.Fire(main, serialize=lambda result: None)  # the table is the output, not the returned dict
+    run_cli(main, serialize=lambda result: None)  # the table is the output, not the returned dict

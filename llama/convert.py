@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
-import fire
 import torch
 from tqdm import tqdm
 
+from llama.cli import run
 from llama.checkpoint import CheckpointReader, rank_plan
 from llama.device import resolve_dtype
 from llama.loading import open_checkpoint
@@ -238,7 +238,7 @@ def to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_gb: float =
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fire.Fire({"reshard": reshard, "to_meta": to_meta, "to_hf": to_hf})
+    run({"reshard": reshard, "to_meta": to_meta, "to_hf": to_hf})
 
 
 if __name__ == "__main__":

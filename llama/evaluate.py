@@ -120,8 +120,25 @@ def main(
     output: Optional[str] = None,
     seed: int = 1234,
 ) -> Optional[dict]:
-    """Run lm-eval tasks (comma-separated names; include_path: a folder of your own task YAMLs) and print the table;
-    output writes the results as JSON. With neither ckpt_dir nor tokenizer_path the bundled demo model runs."""
+    """Run lm-evaluation-harness tasks on a checkpoint and print lm-eval's table.
+
+    Args:
+        tasks: Comma-separated lm-eval task names, e.g. hellaswag,arc_easy.
+        ckpt_dir: The checkpoint folder (Meta's or Hugging Face's layout). Give it with --tokenizer_path, or neither
+            for the bundled demo model.
+        tokenizer_path: The tokenizer.model file (or the folder holding it).
+        max_seq_len: The most tokens of context and continuation; older context tokens are dropped beyond it.
+        max_batch_size: How many requests run at once.
+        num_fewshot: Examples put before each question; by default each task's own number.
+        limit: Requests per task: a count, or a fraction below 1 of each task; by default all.
+        include_path: A folder of your own task YAML files.
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
+        quantize: int8 or int4[-gN] to evaluate the model with quantized weights; by default none.
+        compile: Generate through the torch.compile'd decode step.
+        output: A file to write the results to as JSON as well.
+        seed: Seeds torch's, Python's and numpy's generators and lm-eval's few-shot sampling.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
@@ -129,15 +146,13 @@ def main(
     from llama.demo import weights_or_demo
     from llama.distributed import global_rank
 
+    from llama.measure import check_output_path
+
     names = [t for t in (tasks.split(",") if isinstance(tasks, str) else list(tasks)) if t]
     if not names:
-        raise SystemExit("error: --tasks needs at least one task name, e.g. --tasks hellaswag,arc_easy")
-    if output is not None and not Path(output).resolve().parent.is_dir():
-        raise SystemExit(f"error: --output {output!r}: its directory does not exist")
-    try:
-        ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ValueError("--tasks needs at least one task name, e.g. --tasks hellaswag,arc_easy")
+    output = check_output_path(output, "--output")
+    ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             compile=compile, quantize=quantize, seed=seed)
     results = lm_eval.simple_evaluate(
@@ -155,6 +170,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run
 
-    fire.Fire(main, serialize=lambda _: None)
+    run(main, serialize=lambda _: None)

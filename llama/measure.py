@@ -247,6 +247,24 @@ class PeakMemory:
         return (hwm * 1024 if hwm is not None else self._rusage()) - self.start
 
 
+def check_output_path(path, flag: str = "--json") -> Optional[str]:
+    """path as a str when a file can be written there (its folder exists and is writable, and path is not a
+    folder), None when no path is given (None or empty); else ValueError naming flag. Called before a long run,
+    which would otherwise fail only when it writes its results at the end."""
+    if path is None or path == "":
+        return None
+    path = str(path)  # fire turns --json 123 into an int
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file name in it, e.g. {os.path.join(path, 'results.json')}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the directory {folder} does not exist; create it (mkdir -p {folder}) or "
+                         f"choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: cannot be written (permission denied); choose another path")
+    return path
+
+
 def write_json(path: Optional[str], results: dict) -> None:
     """Write results as JSON to path (nothing when path is None)."""
     if path:

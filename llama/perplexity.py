@@ -70,24 +70,35 @@ def main(
     compile: bool = False,
     json: Optional[str] = None,
 ) -> dict:
-    """Print tokens scored, mean NLL (nats per token) and perplexity of the text file; --json PATH writes them.
-    stride: how far each window starts after the previous one (default max_seq_len // 2). With neither
-    --ckpt_dir nor --tokenizer_path the bundled demo model is scored. --compile compiles the scoring forward."""
+    """Print tokens scored, mean NLL (nats per token) and perplexity of a text file.
+
+    Args:
+        text: The UTF-8 text file to score.
+        ckpt_dir: The checkpoint folder (Meta's or Hugging Face's layout). Give it with --tokenizer_path, or neither
+            to score the bundled demo model.
+        tokenizer_path: The tokenizer.model file (or the folder holding it).
+        max_seq_len: The window length in tokens.
+        stride: How far each window starts after the previous one, from 1 to max_seq_len; by default max_seq_len // 2.
+        max_batch_size: How many windows run at once.
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
+        quantize: int8 or int4[-gN] to score the model with quantized weights; by default none.
+        compile: Compile the scoring forward pass with torch.compile.
+        json: A file to write the results to as JSON as well.
+    """
     from llama import Llama
     from llama.demo import weights_or_demo
     from llama.distributed import global_rank
 
-    path = Path(text)
+    from llama.measure import check_output_path
+
+    path = Path(str(text))
     if not path.is_file():
-        raise SystemExit(f"error: --text {text!r} is not a file")
-    if json is not None and not Path(json).resolve().parent.is_dir():
-        raise SystemExit(f"error: --json {json!r}: its directory does not exist")
-    try:
-        ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
-        stride = max(1, max_seq_len // 2) if stride is None else stride
-        windows(2, max_seq_len, stride)  # checks stride before the model loads
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise FileNotFoundError(f"--text {str(text)!r} is not a file; give the path of a text file")
+    json = check_output_path(json)
+    ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
+    stride = max(1, max_seq_len // 2) if stride is None else stride
+    windows(2, max_seq_len, stride)  # checks stride before the model loads
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             quantize=quantize)
     model = generator.model
@@ -107,6 +118,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run
 
-    fire.Fire(main, serialize=lambda _: None)
+    run(main, serialize=lambda _: None)

@@ -77,15 +77,26 @@ def format_table(rows: List[dict], reference: str = "float32") -> str:
 def main(text: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
          precisions: str = ",".join(PRECISIONS), prompts: int = 32, gen_len: int = 32, max_seq_len: int = 256,
          stride: Optional[int] = None, device: Optional[str] = None) -> List[dict]:
-    """Print the quality table (markdown) for the text file; with no weight flags, for the bundled demo model."""
+    """Print the quality table (markdown) of each precision on a text file: perplexity and greedy agreement.
+
+    Args:
+        text: The UTF-8 text file to score, whose passages also start the greedy continuations.
+        ckpt_dir: The checkpoint folder (Meta's or Hugging Face's layout). Give it with --tokenizer_path, or neither
+            for the bundled demo model.
+        tokenizer_path: The tokenizer.model file (or the folder holding it).
+        precisions: Comma-separated precisions to compare, float32 first: float32, bfloat16, int8, int4-g32,
+            int4-g64, int4-g128.
+        prompts: How many greedy continuations are compared.
+        gen_len: Tokens generated for each continuation.
+        max_seq_len: The perplexity window length in tokens.
+        stride: How far each window starts after the previous one; by default max_seq_len // 2.
+        device: cuda, cpu or mps; by default the best available.
+    """
     from llama.demo import weights_or_demo
 
-    if not Path(text).is_file():
-        raise SystemExit(f"error: --text {text!r} is not a file")
-    try:
-        ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    if not Path(str(text)).is_file():
+        raise FileNotFoundError(f"--text {str(text)!r} is not a file; give the path of a text file")
+    ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
     names = [p for p in (precisions.split(",") if isinstance(precisions, str) else precisions) if p]
     torch.manual_seed(0)
     rows = measure(ckpt_dir, tokenizer_path, Path(text).read_text(encoding="utf-8"), names, prompts, 8, gen_len,
@@ -95,6 +106,6 @@ def main(text: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run
 
-    fire.Fire(main, serialize=lambda _: None)
+    run(main, serialize=lambda _: None)

@@ -2,6 +2,7 @@
 
     python -m llama.server --ckpt_dir DIR --tokenizer_path FILE [--port 8000] [--api_key KEY]
     torchrun --nproc_per_node 2 -m llama.server --ckpt_dir DIR ...   (rank 0 serves; every rank steps)
+    python -m llama.server --help
 """
 
 import asyncio
@@ -237,8 +238,28 @@ def main(
     prefill_chunk: int = 512,
     log_level: str = "info",
 ) -> None:
-    """Serve a checkpoint over OpenAI's API (with neither ckpt_dir nor tokenizer_path: the bundled demo model).
-    api_key defaults to the LLAMA_API_KEY environment variable; model_name to the checkpoint folder's name."""
+    """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), with a chat page at /
+    and Prometheus metrics at /metrics.
+
+    Args:
+        ckpt_dir: The checkpoint folder (Meta's or Hugging Face's layout). Give it with --tokenizer_path, or neither
+            to serve the bundled demo model.
+        tokenizer_path: The tokenizer.model file (or the folder holding it).
+        host: The address to listen on; 0.0.0.0 for every interface.
+        port: The TCP port to listen on.
+        max_batch_size: Requests generated at once (the KV cache's slots); more wait in a queue.
+        max_seq_len: The most tokens of prompt and reply together for a request.
+        device: cuda, cpu or mps; by default the best available.
+        dtype: float32, float16 or bfloat16; by default bfloat16 (or float16) on a GPU, float32 on the CPU.
+        compile: Generate through the torch.compile'd decode step (compiled at the first request).
+        quantize: int8 or int4[-gN] to serve quantized weights; by default none.
+        model_name: The model's name in the API; by default the checkpoint folder's name.
+        api_key: Require "Authorization: Bearer KEY" on /v1; by default the LLAMA_API_KEY environment variable,
+            none when that is unset.
+        max_queue: Requests that may wait beyond the free slots; one more gets HTTP 429.
+        prefill_chunk: The most prompt tokens read in one engine step (a long prompt takes several).
+        log_level: uvicorn's and the server's log level: debug, info, warning or error.
+    """
     import uvicorn
 
     from llama import Llama
@@ -250,10 +271,7 @@ def main(
     if not is_printing_rank():
         for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 ends the job: its close() ends follow()
             signal.signal(sig, signal.SIG_IGN)
-    try:
-        ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    ckpt_dir, tokenizer_path, demo = weights_or_demo(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             compile=compile, quantize=quantize)
     engine = generator.engine
@@ -295,6 +313,6 @@ class _Server:
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.cli import run
 
-    fire.Fire(main)
+    run(main)

@@ -2,11 +2,12 @@
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
-from llama import Llama, bench, measure, random_model
+from llama import Llama, bench, cli, measure, random_model
 from llama.quantize import quantize_model
 from tests.conftest import check_exit, launch
 
@@ -167,3 +168,27 @@ def test_bad_arguments():
         bench.run("tiny", "cpu", quantize="int3")
     with pytest.raises(ValueError, match=r"max_seq_len must be an integer >= prompt_len \+ gen_len = 12"):
         bench.run("tiny", "cpu", prompt_len=8, gen_len=4, max_seq_len=11)
+    with pytest.raises(ValueError, match=r"seed must be an integer from -2\*\*63 to 2\*\*64 - 1"):
+        bench.run("tiny", "cpu", seed=2**70)
+
+
+def test_the_json_path_is_checked_first(tmp_path):
+    """A --json path that cannot be written is refused before the run, with what is wrong and what to do."""
+    assert measure.check_output_path(None) is None and measure.check_output_path("") is None
+    assert measure.check_output_path(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
+    with pytest.raises(ValueError, match=f"--json {tmp_path}: is a directory; give a file name in it"):
+        measure.check_output_path(tmp_path)
+    with pytest.raises(ValueError, match=r"--output .*: the directory .*missing does not exist; create it"):
+        measure.check_output_path(tmp_path / "missing" / "r.json", "--output")
+    with pytest.raises(ValueError, match="does not exist"):
+        bench.main(**SMALL, json=str(tmp_path / "missing" / "r.json"))
+
+
+def test_bench_checks_the_json_path_before_any_work(tmp_path):
+    """--json into a folder that does not exist failed only after the whole run (minutes for the default shape)."""
+    for module in ("llama.bench", "llama.bench_serving", "llama.bench_http"):
+        start = time.perf_counter()
+        proc = launch(["-m", module, "--json", tmp_path / "missing" / "r.json"], timeout=120)
+        assert proc.returncode == cli.EXIT_USER_ERROR and "Traceback" not in proc.stderr, proc.stderr
+        assert f"the directory {tmp_path / 'missing'} does not exist" in proc.stderr
+        assert time.perf_counter() - start < 60

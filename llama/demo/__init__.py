@@ -36,4 +36,4 @@ def stop_ids(value, generator) -> Tuple[int, ...]:
     try:
         return check_stop_token_ids(list(ids) if isinstance(ids, (list, tuple)) else ids, generator.model.vocab_size)
     except ValueError as e:
-        raise SystemExit(f"error: --stop_token_ids: {e}") from None
+        raise ValueError(f"--stop_token_ids: {e}") from None
