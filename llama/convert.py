@@ -215,7 +215,15 @@ def write_meta(reader, params: dict, dst: Path, shards: int, dtype: Optional[tor
 
 
 def reshard(src: str, dst: str, shards: int, dtype: Optional[str] = None) -> None:
-    """Rewrite a checkpoint (Meta or Hugging Face layout) as Meta's layout with `shards` shards."""
+    """Rewrite a checkpoint (Meta or Hugging Face layout) as Meta's layout with `shards` shards.
+
+    Args:
+        src: The checkpoint folder to read (Meta's or Hugging Face's layout).
+        dst: The folder to write; it must not exist yet.
+        shards: How many consolidated.NN.pth shards to write (the model-parallel size they are split for); it must
+            divide the model's heads.
+        dtype: float32, float16 or bfloat16 to cast the weights to; by default they keep their dtype.
+    """
     reader, params = open_checkpoint(Path(src))
     params = _resolve_vocab(reader, params)
     write_meta(reader, params, Path(dst), shards, _dtype(dtype), Path(src))
@@ -225,7 +233,14 @@ to_meta = reshard
 
 
 def to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_gb: float = 5.0) -> None:
-    """Rewrite a checkpoint as a Hugging Face Llama directory (config.json + safetensors)."""
+    """Rewrite a checkpoint as a Hugging Face Llama directory (config.json + safetensors).
+
+    Args:
+        src: The checkpoint folder to read (Meta's or Hugging Face's layout).
+        dst: The folder to write; it must not exist yet.
+        dtype: float32, float16 or bfloat16 to cast the weights to; by default they keep their dtype.
+        max_shard_gb: The largest safetensors file to write, in GB; larger models are split over several.
+    """
     from llama.hf import save_hf
 
     reader, params = open_checkpoint(Path(src))

@@ -152,11 +152,11 @@ def test_help_shows_real_types(entry, args, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings(RUNPY_WARNING)
-@pytest.mark.parametrize("entry", [e for e, args in ENTRY_POINTS if not args])
-def test_every_flag_has_help_text(entry, capsys, monkeypatch):
-    text = _help(entry, [], capsys, monkeypatch)
+@pytest.mark.parametrize("entry,args", ENTRY_POINTS, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_every_flag_has_help_text(entry, args, capsys, monkeypatch):
+    text = _help(entry, args, capsys, monkeypatch)
     blocks = re.findall(r"^    (?:-\w, )?--(\w+)=\w+\n((?:        .*\n?)*)", text, flags=re.M)
-    assert len(blocks) > 5
+    assert blocks
     for flag, body in blocks:
         described = [line for line in body.splitlines() if not line.strip().startswith(("Type:", "Default:"))]
         assert described, f"--{flag} has no help text"
