@@ -12,6 +12,7 @@ The serving benchmark (a mixed workload through the engine) is python -m llama.b
 """
 
 import os
+import time
 from dataclasses import asdict
 from typing import Callable, Dict, List, Optional
 
@@ -177,11 +178,14 @@ def _time_batches(results: dict, generators: dict, prompts: List[List[int]], bat
 def _untimed_runs(results: dict, memory: PeakMemory, ours: Callable, prompts: List[List[int]], batches: List[int],
                   device: torch.device) -> None:
     """Untimed runs first, which also give the peak memory of our generation alone: the model and
-    its cache stay counted, the accuracy measurements before are not."""
+    its cache stay counted, the accuracy measurements before are not. The first call's time is kept:
+    with --compile it is what compiling the decode step (or loading it from the compile cache) costs."""
     memory.restart()
     for b in batches:
-        for _ in range(max(results["warmup"], 1)):
+        for i in range(max(results["warmup"], 1)):
+            start = time.perf_counter()
             ours(prompts[:b], results["gen_len"])
+            results.setdefault("first_call_s", time.perf_counter() - start)
     results["peak_memory_bytes"] = int(max(reduce([memory.peak()], device, dist.ReduceOp.MAX)))
     ranks = results["world_size"] > 1
     results["peak_memory_method"] = memory.method + (" (the largest over ranks)" if ranks else "")
@@ -295,6 +299,9 @@ def _header_lines(r: dict) -> List[str]:
         f"copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s (read + written{', sum over ranks' if r['world_size'] > 1 else ''}), "
         f"peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_method']})"
     )
+    if r["compile"]:
+        lines.append(f"first generate call {r['first_call_s']:.1f} s (it compiles the decode step, or loads it from the compile "
+                     f"cache: see LLAMA_COMPILE_CACHE)")
     if "load_average_1min" in r:
         load = r["load_average_1min"]
         lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end "

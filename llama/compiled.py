@@ -13,6 +13,10 @@ of the model's matmul weights in memory (the eager weights still serve prefill),
 see later in-place changes to the weights. Every graph compiled holds such a copy, so one graph
 serves every batch size: the batch dimension is compiled as dynamic, and a batch of one is padded
 to two rows (dynamo always specialises a size of 1), which costs no measurable time.
+
+On CPU in a single process the step is compiled ahead of time and kept on disk (llama/compile_cache.py),
+so only the first process on a machine pays for compiling; CUDA (CUDA graphs) and model parallelism
+(fairscale's collectives) compile in-process with torch.compile.
 """
 
 import logging
@@ -22,9 +26,27 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llama import compile_cache
+from llama.distributed import model_parallel_world_size
 from llama.model import Transformer
 
 logger = logging.getLogger(__name__)
+
+
+class _StepOverKeys(torch.nn.Module):
+    """model.forward for one token per row, attending to key_slots.shape[0] cache positions: the attended
+    length comes in as the length of a tensor, the way a size can be marked dynamic."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        self.device_type = model.tok_embeddings.weight.device.type
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+        # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
+        # flash kernel's per-call overhead at these sizes.
+        with sdpa_kernel(SDPBackend.MATH) if self.device_type == "cpu" else nullcontext():
+            return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
 
 
 class CompiledDecodeStep:
@@ -33,25 +55,27 @@ class CompiledDecodeStep:
 
     The step attends to the cache up to kv_len rounded up to a multiple of kv_bucket, not to the whole
     cache: a short generation in a model built for long contexts reads only the keys it needs. The
-    attended length is a dynamic size of the one compiled graph (on CUDA, a CUDA graph is recorded
-    for each length met, at most max_seq_len / kv_bucket of them).
+    attended length is a dynamic size of the one compiled graph. On CPU any length costs nothing more,
+    so the bucket is small (keys and values past the longest row are read for nothing); on CUDA a CUDA
+    graph is recorded for each length met, at most max_seq_len / kv_bucket of them.
     """
 
-    kv_bucket: int = 256
+    kv_bucket: Optional[int] = None  # None: 32 on CPU, 256 elsewhere
 
     def __init__(self, model: Transformer):
         self.model = model
         self.device = model.tok_embeddings.weight.device
-        self._step: Callable = torch.compile(self._step_over_keys, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        self._module = _StepOverKeys(model)
+        self.kv_bucket = self.kv_bucket or (32 if self.device.type == "cpu" else 256)
+        self._step: Callable = torch.compile(self._module.forward, mode="reduce-overhead" if self.device.type == "cuda" else None)
         self._gemm_backends = "CPP"  # on CPU; widened to "CPP,ATEN" when the template cannot do every matmul
         self._key_slots: Dict[int, torch.Tensor] = {}
-
-    def _step_over_keys(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
-        # The attended length comes in as the length of a tensor, the way a size can be marked dynamic.
-        # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
-        # flash kernel's per-call cost at these sizes (about 10% of a 134M step at batch 8).
-        with sdpa_kernel(SDPBackend.MATH) if self.device.type == "cpu" else nullcontext():
-            return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
+        # Ahead of time, kept on disk: CPU in one process only (see the module docstring).
+        single = self.device.type == "cpu" and model_parallel_world_size() == 1
+        self._package_dir = compile_cache.cache_dir() if single else None
+        self._package: Optional[Callable] = None
+        self._package_for: Optional[tuple] = None  # (cache shape, GEMM backends) the package was made for
+        self._bound_cache = None  # the KV cache the package reads and writes
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
         # Generation never needs all max_len positions: the token at the last one is generated, never fed
@@ -103,5 +127,42 @@ class CompiledDecodeStep:
             return self._run(tokens, positions, key_slots)[:bsz]
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+        if self._package_dir is not None:
+            try:
+                package = self._ahead_of_time(tokens, positions, key_slots)
+            except Exception as error:
+                if "NoValidChoicesError" in repr(error):
+                    raise
+                logger.warning("compiling the decode step ahead of time failed (%s); compiling it in this process instead", error)
+                self._package_dir = None
+            else:
+                return package(tokens, positions, key_slots)
         with self._inductor_options():
             return self._step(tokens, positions, key_slots)
+
+    def _ahead_of_time(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> Callable:
+        """The package for this model, cache shape and GEMM backends, pointed at the model's current KV cache."""
+        made_for = (self.model.cache_shape, self._gemm_backends)
+        if self._package_for != made_for:
+            slots, max_len = self.model.cache_shape
+            # The sizes that vary are the ones __call__ marks dynamic for torch.compile.
+            batch = {0: torch.export.Dim("batch", min=2, max=slots)} if slots > 2 else None
+            keys = {0: torch.export.Dim("keys", min=2, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
+            settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
+                        "gemm": self._gemm_backends}
+            path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
+            configs = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": self._gemm_backends}
+            self._package = compile_cache.load_or_compile(
+                self._module, (tokens, positions, key_slots), (batch, batch, keys), configs, path
+            )
+            self._package_for, self._bound_cache = made_for, None
+        cache = self.model.layers[0].attention.cache
+        if self._bound_cache is not cache:  # setup_cache() made new tensors: point the package at them
+            tensors = {f"model.layers.{i}.attention.cache.{name}": getattr(layer.attention.cache, name)
+                       for i, layer in enumerate(self.model.layers) for name in ("k", "v")}
+            missing = set(tensors) - set(self._package.get_constant_fqns())
+            if missing:  # it would read and write a cache of its own: wrong tokens, no error
+                raise RuntimeError(f"the compiled package has no constant {sorted(missing)[0]!r} to point at the KV cache")
+            self._package.load_constants(tensors, check_full_update=False, user_managed=True)
+            self._bound_cache = cache
+        return self._package

@@ -16,6 +16,21 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_dir(tmp_path_factory):
+    """Compiled decode steps go to a directory of this run (the suite's subprocesses inherit it), never to the
+    user's cache."""
+    from llama.compile_cache import CACHE_VARIABLE
+
+    saved = os.environ.get(CACHE_VARIABLE)
+    os.environ[CACHE_VARIABLE] = str(tmp_path_factory.mktemp("compiled"))
+    yield Path(os.environ[CACHE_VARIABLE])
+    if saved is None:
+        del os.environ[CACHE_VARIABLE]
+    else:
+        os.environ[CACHE_VARIABLE] = saved
+
+
 def launch(args: list, nproc: int = 0, timeout: float = 300, input: str = None):
     """Run a python script in a fresh process: plain python when nproc is 0, else torchrun with nproc ranks.
 

@@ -1,5 +1,6 @@
 """torch.compile'd decoding (CPU inductor here): same outputs as eager, one graph for every step."""
 
+import pytest
 import torch
 import torch._dynamo.utils
 
@@ -7,11 +8,16 @@ from llama import Llama
 from tests.conftest import REPO, check_exit, launch
 
 
-def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
+def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time):
     from llama.compiled import CompiledDecodeStep
 
     # Attend to the cache in steps of 8 positions: lengths 8, 16, 24 and 32 are all met below.
     monkeypatch.setattr(CompiledDecodeStep, "kv_bucket", 8)
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path) if ahead_of_time else "off")
+    packages = []
+    compile_package = torch._inductor.aoti_compile_and_package
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: packages.append(1) or compile_package(*a, **k))
 
     def build(compile):
         return Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 48, 3, device="cpu", compile=compile)
@@ -34,7 +40,14 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     streamed = "".join(compiled.stream_text_completion("Hello world", max_gen_len=8, temperature=0))
     assert streamed == eager.text_completion(["Hello world"], max_gen_len=8, temperature=0)[0]["generation"]
     # Every decode step of every call, at every batch size and attended length, ran the one graph compiled first.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    if not ahead_of_time:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not packages
+        return
+    assert len(packages) == 1 and len(list(tmp_path.glob("decode-*.pt2"))) == 1
+    # A second model from the same checkpoint (a new process, as far as the step knows) loads the package.
+    again = build(True)
+    assert again.generate(prompts, max_gen_len=28, temperature=0)[0] == expected[0]
+    assert len(packages) == 1
 
 
 def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tokenizer_path):
@@ -56,9 +69,10 @@ def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tok
         torch.testing.assert_close(got, model.forward(tokens, positions)[:, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
+def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time):
     """Where inductor's C++ GEMM template cannot do a quantized matmul (int4 without AVX-512, for one), torch's kernel serves."""
-    import torch._inductor.config as inductor_config
+    import torch._inductor.lowering  # noqa: F401 (first: importing quantized_lowerings alone is a circular import)
     import torch._inductor.quantized_lowerings as quantized_lowerings
     from llama.compiled import CompiledDecodeStep
 
@@ -68,10 +82,11 @@ def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny
     expected = g.model.forward(tokens, positions)[:, -1]
 
     monkeypatch.setattr(quantized_lowerings, "use_cpp_gemm_template", lambda *args, **kwargs: False)
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # a cached graph would skip the lowering
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path) if ahead_of_time else "off")
     torch._dynamo.reset()
     step = CompiledDecodeStep(g.model)
-    torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
+    with torch.compiler.config.patch(force_disable_caches=True):  # a cached graph would skip the lowering
+        torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
     assert step._gemm_backends == "CPP,ATEN"
 
 

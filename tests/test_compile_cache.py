@@ -1,0 +1,63 @@
+"""The on-disk cache of compiled decode steps: its key, a damaged package, a cache that cannot be written."""
+
+import logging
+
+import torch
+
+from llama import Llama
+from llama.compile_cache import cache_dir, package_key
+from llama.random_model import build_random_model
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("LLAMA_COMPILE_CACHE", off)
+        assert cache_dir() is None
+    monkeypatch.delenv("LLAMA_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "llama" / "compiled"
+
+
+def test_key_changes_with_any_weight_and_setting():
+    model = build_random_model("tiny", torch.device("cpu"), torch.float32, 32, 2)
+    settings = {"cache": (2, 32)}
+    key = package_key(model, settings)
+    assert package_key(build_random_model("tiny", torch.device("cpu"), torch.float32, 32, 2), settings) == key
+    assert package_key(model, {"cache": (3, 32)}) != key
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[7, 3] += 1e-3  # one element of one matrix: a fine-tune of the same shape
+    assert package_key(model, settings) != key
+    assert package_key(model.to(torch.bfloat16), settings) != package_key(model.float(), settings)
+
+
+def _greedy(generator):
+    return generator.generate([[1, 10, 11, 12], [1, 20]], max_gen_len=6, temperature=0)[0]
+
+
+def test_a_damaged_package_is_compiled_again(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path))
+
+    def build(compile):
+        return Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu", compile=compile)
+
+    expected = _greedy(build(False))
+    assert _greedy(build(True)) == expected
+    (package,) = tmp_path.glob("decode-*.pt2")
+    package.write_bytes(package.read_bytes()[:1000])  # truncated, as by a full disk or a copy cut short
+    with caplog.at_level(logging.WARNING, logger="llama.compile_cache"):
+        assert _greedy(build(True)) == expected
+    assert "could not load the compiled decode step" in caplog.text
+    assert package.stat().st_size > 1000 and not list(tmp_path.glob(".*"))  # replaced whole; no temporary left
+
+
+def test_a_cache_that_cannot_be_written_compiles_in_process(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, caplog):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(not_a_directory / "compiled"))
+    generator = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu", compile=True)
+    with caplog.at_level(logging.WARNING, logger="llama.compiled"):
+        got = _greedy(generator)
+    assert "compiling it in this process instead" in caplog.text
+    assert got == _greedy(Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu"))
