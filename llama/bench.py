@@ -7,14 +7,15 @@ It times the real generation path (Llama.generate, greedy) on random prompt toke
 prefill speed, time to first token, decode speed at batch 1 and at --batch, peak memory, the bytes
 each decode step must read, and the bandwidth that achieves as a share of the device's own copy
 bandwidth measured in the same run. With --compare_hf it times transformers' LlamaForCausalLM.generate
-on the very same weights. See the "Performance" section of README.md for how each number is defined.
+on the very same weights, with --compare_llamacpp llama.cpp (llama/llamacpp_baseline.py). See the
+"Performance" section of README.md for how each number is defined.
 The serving benchmark (a mixed workload through the engine) is python -m llama.bench_serving.
 """
 
 import os
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from llama.checks import check_seed, is_int
 from llama.device import resolve_device, resolve_dtype
 from llama.distributed import global_rank, setup_model_parallel
-from llama import hf_baseline
+from llama import hf_baseline, llamacpp_baseline
 from llama import quantize as quantization
 from llama.generation import Llama
 from llama.measure import (  # noqa: F401 (quantization_error: bench.quantization_error)
@@ -225,11 +226,15 @@ def _setup(device, dtype, baseline_dtype, quantize, compare_hf: bool):
 def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, prompt_len: int = 128,
         gen_len: int = 64, batch: int = 8, compare_hf: bool = False, warmup: int = 1, repeats: int = 3, seed: int = 0,
         compile: bool = False, quantize: Optional[str] = None, baseline_dtype: Optional[str] = None,
-        max_seq_len: Optional[int] = None, agreement_prompts: Optional[int] = None) -> dict:
+        max_seq_len: Optional[int] = None, agreement_prompts: Optional[int] = None,
+        compare_llamacpp: Union[bool, str, None] = None, llamacpp_dir: Optional[str] = None,
+        llamacpp_tokenizer: Optional[str] = None) -> dict:
     """Run the benchmark and return its results (see main for the arguments)."""
     n_agree = batch if agreement_prompts is None else agreement_prompts
     max_seq_len = _check_run_args(prompt_len, gen_len, batch, warmup, repeats, n_agree, max_seq_len, seed)
     device, dtype, baseline_dtype, scheme, world, world_size = _setup(device, dtype, baseline_dtype, quantize, compare_hf)
+    llamacpp = llamacpp_baseline.locate(compare_llamacpp, llamacpp_dir, llamacpp_tokenizer, shape, device, world, dtype,
+                                        scheme)  # None without --compare_llamacpp; checked before any work
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     bandwidth_start = sum(reduce([copy_bandwidth(device)], device, dist.ReduceOp.SUM))
@@ -239,6 +244,8 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     model = build_random_model(shape, device, baseline_dtype, max_seq_len, max(batches), seed)
     n_params = int(sum(reduce([sum(p.numel() for p in model.parameters())], device, dist.ReduceOp.SUM)))
     tokenizer = NoTextTokenizer(model.vocab_size)
+    # llama.cpp runs first, on the weights as made (before any cast or quantization).
+    llamacpp_results = llamacpp_baseline.measure(model, llamacpp, prompt_len, gen_len, batches, repeats, dtype)
     g = torch.Generator().manual_seed(seed)  # the same prompts on every rank
     prompts = torch.randint(0, model.vocab_size, (max(batch, n_agree), prompt_len), generator=g).tolist()
     hf = hf_baseline.hf_model(model, baseline_dtype, device) if compare_hf else None
@@ -265,6 +272,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         results["hf"] = {"transformers": transformers.__version__, "attn_implementation": "sdpa"}
         results["speedup_decode"], results["speedup_e2e"], results["hf_tokens_match"] = {}, {}, {}
     _time_batches(results, generators, prompts, batches, model, baseline_step_bytes, device)
+    llamacpp_baseline.add_results(results, llamacpp_results)
     if baseline is not None:
         # The generator as timed (compiled, quantized...) on the agreement prompts, untimed.
         results["baseline_agreement"] = agreement(ours(prompts[:n_agree], gen_len), baseline["tokens"], min(16, gen_len))
@@ -373,14 +381,15 @@ def _accuracy_lines(r: dict) -> List[str]:
 
 def format_table(r: dict) -> str:
     """A readable summary of run()'s results."""
-    return "\n".join(_header_lines(r) + _speed_lines(r) + _accuracy_lines(r))
+    return "\n".join(_header_lines(r) + _speed_lines(r) + llamacpp_baseline.table_lines(r) + _accuracy_lines(r))
 
 
 def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, prompt_len: int = 128,
          gen_len: int = 64, batch: int = 8, compare_hf: bool = False, json: Optional[str] = None, warmup: int = 1,
          repeats: int = 3, seed: int = 0, compile: bool = False, quantize: Optional[str] = None,
          baseline_dtype: Optional[str] = None, max_seq_len: Optional[int] = None,
-         agreement_prompts: Optional[int] = None) -> dict:
+         agreement_prompts: Optional[int] = None, compare_llamacpp: Union[bool, str, None] = None,
+         llamacpp_dir: Optional[str] = None, llamacpp_tokenizer: Optional[str] = None) -> dict:
     """Benchmark generation on a random model (no weights needed); print a table (rank 0) and optionally write JSON.
 
     Args:
@@ -401,10 +410,15 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
             against which, when dtype differs or quantize is set, greedy-token agreement and logit error are reported.
         max_seq_len: The context the model and its KV cache are built for; by default prompt_len + gen_len.
         agreement_prompts: How many prompts the agreement with the baseline is measured on; by default batch.
+        compare_llamacpp: Also time llama.cpp on the same weights (CPU only): its llama-bench binary, or the bare flag
+            to look on PATH and in $LLAMA_CPP_DIR/build/bin (skipped, saying why, when not found).
+        llamacpp_dir: llama.cpp's source directory (its converter); by default llama-bench's, else $LLAMA_CPP_DIR.
+        llamacpp_tokenizer: A tokenizer.model of the model's vocabulary for the GGUF file; by default a stand-in.
     """
     json = check_output_path(json)
     results = run(shape, device, dtype, prompt_len, gen_len, batch, compare_hf, warmup, repeats, seed, compile,
-                  quantize, baseline_dtype, max_seq_len, agreement_prompts)
+                  quantize, baseline_dtype, max_seq_len, agreement_prompts, compare_llamacpp, llamacpp_dir,
+                  llamacpp_tokenizer)
     if global_rank() == 0:
         report(format_table(results), results, json)
     return results
