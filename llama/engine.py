@@ -351,7 +351,7 @@ class Engine:
                 top = torch.topk(lps, spec.top_logprobs)
                 request.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
         if spec.sampling.stop:
-            text = self.tokenizer.decode(request.generated)
+            text = request.decoder.text(request.generated)
             found = [i for i in (text.find(s) for s in spec.sampling.stop) if i >= 0]
             if found:
                 request.text_end = min(found)

@@ -8,16 +8,34 @@ REPLACEMENT = "\ufffd"
 class IncrementalDecoder:
     """Text deltas of a growing token sequence whose concatenation is decode(all tokens).
 
-    Each step decodes the whole sequence (so SentencePiece's leading-space rule applies exactly
-    as in a one-shot decode) and emits only text that cannot change: trailing U+FFFD from an
-    unfinished multi-byte character (byte-fallback pieces such as <0xF0><0x9F>...) and a trailing
-    part that could still grow into a stop string are held back until they resolve.
+    The text is decode(all tokens) exactly, but each call decodes only the tokens since the one before, behind
+    one step of context: decode(tokens[p:]) begins with decode(tokens[p:r]), since SentencePiece treats the
+    first piece of both alike (its leading space dropped), so the text past r is their difference. The
+    window moves on only at whole characters: a trailing U+FFFD from an unfinished multi-byte character
+    (byte-fallback pieces such as <0xF0><0x9F>...) keeps it in place until the character completes. Deltas
+    hold back that U+FFFD and a trailing part that could still grow into a stop string until they resolve.
     """
 
     def __init__(self, decode: Callable[[List[int]], str], stop: Sequence[str] = ()):
         self._decode = decode
         self._stop = stop
         self._emitted = 0
+        self._text = ""  # decode(tokens[:read])
+        self._prefix = self._read = 0  # the window: tokens[prefix:read] are context for the tokens after them
+        self._prefix_text = ""  # decode(tokens[prefix:read])
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """decode(tokens), where tokens extends the sequence of the previous call."""
+        if len(tokens) < self._read:  # not an extension: start over
+            self._text, self._prefix, self._read, self._prefix_text = "", 0, 0, ""
+        window = self._decode(list(tokens[self._prefix:]))
+        if not window.startswith(self._prefix_text):  # should not happen; stay exact whatever the tokenizer does
+            window, self._prefix, self._read, self._prefix_text, self._text = self._decode(list(tokens)), 0, 0, "", ""
+        text = self._text + window[len(self._prefix_text):]
+        if len(tokens) > self._read and not text.endswith(REPLACEMENT):
+            self._prefix, self._read, self._text = self._read, len(tokens), text
+            self._prefix_text = self._decode(list(tokens[self._prefix:self._read]))
+        return text
 
     def _held_back(self, text: str) -> int:
         held = len(text) - len(text.rstrip(REPLACEMENT))
@@ -28,9 +46,9 @@ class IncrementalDecoder:
                     break
         return held
 
-    def step(self, tokens: List[int]) -> str:
+    def step(self, tokens: Sequence[int]) -> str:
         """The new stable text after tokens (the whole sequence so far)."""
-        text = self._decode(tokens)
+        text = self.text(tokens)
         end = len(text) - self._held_back(text)
         return self.emit_until(text, end)
 

@@ -91,6 +91,25 @@ def test_incremental_decoder_on_random_sequences(llama2_tokenizer):
             assert not any("\ufffd" in d for d in deltas), ids
 
 
+def test_incremental_decoder_decodes_only_the_newest_tokens(llama2_tokenizer):
+    """A long generation costs each step a few tokens of decoding, not the whole sequence again, and the text
+    stays exactly the one-shot decode, also when several tokens come at once."""
+    rng = random.Random(1)
+    ids = [rng.randint(259, 31999) for _ in range(2000)]
+    lengths = []
+
+    def decode(window):
+        lengths.append(len(window))
+        return llama2_tokenizer.decode(window)
+
+    decoder, n = IncrementalDecoder(decode), 0
+    while n < len(ids):
+        n += rng.randint(1, 3)
+        assert decoder.text(ids[:n]) == llama2_tokenizer.decode(ids[:n])
+    assert max(lengths) <= 6
+    assert decoder.text(ids[:10]) == llama2_tokenizer.decode(ids[:10])  # a shorter sequence: decoded afresh
+
+
 def test_incremental_decoder_holds_back_a_possible_stop_string():
     decoder = IncrementalDecoder(lambda ids: "".join(ids), stop=["STOP"])
     assert decoder.step(list("ab")) == "ab"
