@@ -5,7 +5,7 @@ convert_hf_to_gguf.py at the precision that matches ours (float32 -> f32, bfloat
 int8 -> q8_0, int4 -> q4_0 through llama-quantize), and timed by llama.cpp's llama-bench (batch-1 decode after a
 prompt's worth of context, as ours) and, for the larger batch, llama-batched-bench. Everything llama.cpp reads or
 writes lives in a temporary directory removed afterwards. Building llama.cpp is the user's business (README.md,
-"Performance", gives the commands); when it cannot be found the comparison is skipped with the reason.
+"Against llama.cpp", gives the commands); when it cannot be found the comparison is skipped with the reason.
 """
 
 import json
@@ -28,7 +28,7 @@ from llama.random_model import SHAPES
 
 CONVERTER = "convert_hf_to_gguf.py"
 DIR_VARIABLE = "LLAMA_CPP_DIR"  # a llama.cpp source tree, built in build/ (README's commands)
-BUILD_HINT = ("build llama.cpp as README.md's 'Performance' section says, then pass its build/bin/llama-bench "
+BUILD_HINT = ("build llama.cpp as README.md says ('Against llama.cpp'), then pass its build/bin/llama-bench "
               "(or set LLAMA_CPP_DIR to its source directory)")
 _FLOAT_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _SCAN_PARENTS = 4  # build/bin/llama-bench sits 2 levels below the source tree; allow an extra level or two

@@ -144,8 +144,8 @@ def test_a_path_that_is_not_llama_bench_is_an_error_before_any_work(tmp_path, mo
 
     monkeypatch.setattr(bench, "build_random_model", no_model)
     missing = tmp_path / "nowhere" / "llama-bench"
-    with pytest.raises(FileNotFoundError, match=f"--compare_llamacpp {missing}: no such file; build llama.cpp as "
-                                                f"README.md's 'Performance' section says"):
+    with pytest.raises(FileNotFoundError, match=fr"--compare_llamacpp {missing}: no such file; build llama.cpp as "
+                                                fr"README.md says \('Against llama.cpp'\)"):
         bench.run(shape="134M", device="cpu", compare_llamacpp=str(missing))
     with pytest.raises(IsADirectoryError, match="is a directory; pass the llama-bench binary itself"):
         bench.run(shape="134M", device="cpu", compare_llamacpp=str(tmp_path))
@@ -261,7 +261,7 @@ def _real_llama_bench() -> Path:
     root = os.environ.get(llamacpp_baseline.DIR_VARIABLE)
     if not root:
         pytest.skip(f"llama.cpp not found: set {llamacpp_baseline.DIR_VARIABLE} to a llama.cpp source tree built as "
-                    f"README.md's 'Performance' section says")
+                    f"README.md says ('Against llama.cpp')")
     path = Path(root) / "build" / "bin" / "llama-bench"
     if not path.is_file():
         pytest.skip(f"llama.cpp not built: no {path}")
