@@ -59,8 +59,10 @@ class Reply:
 
 
 async def _stream_one(client, model: str, request: Request, start: float) -> Reply:
+    # ignore_eos (vLLM's extension, which llama.server and llama.cpp's server take too): every request generates
+    # its max_tokens on any server, whatever its tokenizer, as the workload says.
     body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_gen_len, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter() - start
     times, pieces, usage = [], [], None
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -263,8 +265,10 @@ def _http_only(summary: dict, walls: List[float]) -> dict:
 
 
 def _run_url(url: str, model: Optional[str], api_key: Optional[str], vocab_size: int, workload: List[Request],
-             limit: Optional[int], repeats: int) -> dict:
+             warm: List[Request], limit: Optional[int], repeats: int) -> dict:
     model = model or _server_model(url, api_key)
+    # Untimed first, as for the server in this process: a server that compiles on its first requests is warm.
+    run_http(url, model, warm, min(limit or len(warm), len(warm)), 1, api_key)
     best: dict = {}
     for _ in range(repeats):
         _keep_best(best, "http", run_http(url, model, workload, limit, 1, api_key)[0])
@@ -333,8 +337,9 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
     rate = None if limit else arrival_rate
     if url is not None:  # a server elsewhere: HTTP figures only
         workload = make_workload(requests, prompt_range, gen_range, vocab_size, seed, rate)
+        warm = make_workload(2 * max_batch_size, prompt_range, gen_range, vocab_size, seed + 1)
         api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
-        return {**settings, **_run_url(url.rstrip("/"), model, api_key, vocab_size, workload, limit, repeats)}
+        return {**settings, **_run_url(url.rstrip("/"), model, api_key, vocab_size, workload, warm, limit, repeats)}
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -409,7 +414,8 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
         shape: In process: the random model's shape, tiny, 134M, 7B, 13B or 70B.
         device: In process: cuda, cpu or mps; by default the best available.
         dtype: In process: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
-        max_batch_size: In process: the engine's slots (requests generated at once).
+        max_batch_size: In process: the engine's slots (requests generated at once). Both ways, an untimed warm-up of
+            2 * max_batch_size requests (another seed) runs first.
         compile: In process: generate through the torch.compile'd decode step.
         requests: Requests in the workload.
         concurrency: Requests in flight at once (each sent when another ends).

@@ -114,17 +114,19 @@ class Engine:
         logprobs: bool = False,
         top_logprobs: int = 0,
         prompt_logprobs: bool = False,
+        ignore_eos: bool = False,
     ) -> int:
         """Queue a request; returns its id. Checks everything first (ValueError), so a refused request
         changes nothing. max_gen_len None: until the context (max_seq_len) is full. logprobs: the
         log-probability of each generated token; top_logprobs: that many likeliest alternatives at each;
-        prompt_logprobs: the log-probability of each prompt token (the whole prompt is scored)."""
-        spec = self.make_spec(prompt_tokens, sampling, max_gen_len, stop_token_ids=stop_token_ids,
-                              logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        prompt_logprobs: the log-probability of each prompt token (the whole prompt is scored);
+        ignore_eos: EOS is a token like any other (benchmarks that want a fixed length)."""
+        spec = self.make_spec(prompt_tokens, sampling, max_gen_len, stop_token_ids=stop_token_ids, logprobs=logprobs,
+                              top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=ignore_eos)
         return self.add_spec(spec)
 
     def make_spec(self, prompt_tokens, sampling=None, max_gen_len=None, *, stop_token_ids=None, logprobs=False,
-                  top_logprobs=0, prompt_logprobs=False, name: str = "prompt") -> RequestSpec:
+                  top_logprobs=0, prompt_logprobs=False, ignore_eos=False, name: str = "prompt") -> RequestSpec:
         """A checked RequestSpec (ValueError naming what is wrong), without queueing it."""
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
@@ -133,10 +135,13 @@ class Engine:
         if not is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
         top_logprobs = int(top_logprobs)
+        if not isinstance(ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {ignore_eos!r}")
         vocab = self.model.vocab_size
         prompt = check_prompt(prompt_tokens, vocab, self.max_seq_len, name)
         return RequestSpec(prompt, sampling, self.max_seq_len if max_gen_len is None else max_gen_len,
-                           check_stop_token_ids(stop_token_ids, vocab), bool(logprobs), top_logprobs, bool(prompt_logprobs))
+                           check_stop_token_ids(stop_token_ids, vocab), bool(logprobs), top_logprobs, bool(prompt_logprobs),
+                           ignore_eos)
 
     def add_spec(self, spec: RequestSpec) -> int:
         """Queue a request made by make_spec; returns its id."""
@@ -338,7 +343,7 @@ class Engine:
 
     def _accept(self, request: _Running, token: int, logits: torch.Tensor) -> StepOutput:
         """Add a newly sampled token to request; retire it if it ends here."""
-        if token == self.tokenizer.eos_id:
+        if token == self.tokenizer.eos_id and not request.spec.ignore_eos:
             return self._finish(request, "eos")
         if token in request.spec.stop_token_ids or token in self.stop_token_ids:
             return self._finish(request, "stop")

@@ -104,7 +104,8 @@ def _common(body: Any, model_name: str) -> dict:
     if options and not stream:
         raise _bad("stream_options", "'stream_options' is only allowed with 'stream': true")
     n = _get(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"an integer from 1 to {MAX_N}")
-    return {"model": model, "stream": stream, "include_usage": include_usage, "n": n}
+    ignore_eos = _get(body, "ignore_eos", bool, False, expected="a boolean")  # vLLM's extension, for benchmarks
+    return {"model": model, "stream": stream, "include_usage": include_usage, "n": n, "ignore_eos": ignore_eos}
 
 
 def _max_tokens(body: dict, name: str, prompt: List[int], max_seq_len: int, where: str) -> Optional[int]:
@@ -157,8 +158,8 @@ def parse_completion(body: Any, engine: Engine, tokenizer, model_name: str) -> P
     for i, prompt in enumerate(prompts):
         max_tokens = _max_tokens(body, "max_tokens", prompt, max_seq_len, f"prompt {i}")
         for j in range(common["n"]):
-            specs.append(RequestSpec(prompt, _sampling(body, j), max_tokens or max_seq_len, (),
-                                     logprobs is not None, logprobs or 0, echo and logprobs is not None))
+            specs.append(RequestSpec(prompt, _sampling(body, j), max_tokens or max_seq_len, (), logprobs is not None,
+                                     logprobs or 0, echo and logprobs is not None, common["ignore_eos"]))
     return Parsed(common["model"], prompts, common["n"], specs, common["stream"], common["include_usage"], echo, logprobs)
 
 
@@ -188,8 +189,8 @@ def parse_chat(body: Any, engine: Engine, tokenizer, model_name: str) -> Parsed:
             raise _bad("messages", str(e)) from e
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _max_tokens(body, name, prompt, engine.max_seq_len, "messages")
-        specs = [RequestSpec(prompt, _sampling(body, j), max_tokens or engine.max_seq_len, (), want_logprobs, top)
-                 for j in range(common["n"])]
+        specs = [RequestSpec(prompt, _sampling(body, j), max_tokens or engine.max_seq_len, (), want_logprobs, top,
+                             ignore_eos=common["ignore_eos"]) for j in range(common["n"])]
     return Parsed(common["model"], [prompt], common["n"], specs, common["stream"], common["include_usage"],
                   logprobs=top if want_logprobs else None)
 

@@ -81,3 +81,4 @@ class RequestSpec:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    ignore_eos: bool = False  # generate past EOS (benchmarks, as vLLM's extension of the OpenAI API)

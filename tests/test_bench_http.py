@@ -68,11 +68,12 @@ def test_in_process_run_reports_http_and_engine_figures(mode, capsys):
 def test_cli_against_a_running_server(tmp_path):
     model = build_random_model("tiny", torch.device("cpu"), torch.float32, 30, 3)
     tokenizer = NoTextTokenizer(model.vocab_size)
-    server = bh.InProcessServer(Engine(model, tokenizer), tokenizer, "tiny-model", max_queue=16)
+    engine = Engine(model, tokenizer)
+    server = bh.InProcessServer(engine, tokenizer, "tiny-model", max_queue=16)
     try:
         out = tmp_path / "r.json"
         args = ["-m", "llama.bench_http", "--url", server.url, "--vocab_size", "512", "--concurrency", "3",
-                "--repeats", "2", "--json", out] + [f"--{k}={v}" for k, v in SMALL.items() if k in ("requests", "prompt_min",
+                "--max_batch_size", "2", "--repeats", "2", "--json", out] + [f"--{k}={v}" for k, v in SMALL.items() if k in ("requests", "prompt_min",
                                                                                                   "prompt_max", "gen_min", "gen_max")]
         proc = launch(args, timeout=120)
         check_exit(proc)
@@ -80,6 +81,7 @@ def test_cli_against_a_running_server(tmp_path):
         server.stop()
     r = json.loads(out.read_text())
     assert r["model"] == "tiny-model" and "engine" not in r
+    assert next(engine._ids) == 2 * 2 + 2 * 6  # the untimed warm-up (2 * max_batch_size requests), then two runs of 6
     gen = sum(x.max_gen_len for x in bs.make_workload(6, (4, 20), (2, 10), 512, seed=0))
     _check(r["http"], gen)
     assert len(r["http"]["walls_s"]) == 2 and r["http"]["wall_s"] == min(r["http"]["walls_s"])

@@ -174,6 +174,21 @@ def test_stop_token_ids_and_stop_strings_end_a_request(tokenizer):
     assert len(done[eos].completion.tokens) == 10  # the counting script never produces EOS
 
 
+def test_ignore_eos_generates_past_eos(tokenizer):
+    def eos_after_22(sequence):  # counts up, but EOS follows 22
+        return tokenizer.eos_id if sequence[-1] == 22 else counting(sequence)
+
+    engine = scripted_llama(tokenizer, eos_after_22, max_batch_size=2).engine
+    ends = engine.add_request([1, 20], GREEDY, 6)
+    goes_on = engine.add_request([1, 20], GREEDY, 6, ignore_eos=True)
+    done = finished(run(engine))
+    assert done[ends].completion.tokens == [21, 22] and done[ends].finish_reason == "eos"
+    assert done[goes_on].completion.tokens[:3] == [21, 22, tokenizer.eos_id]
+    assert len(done[goes_on].completion.tokens) == 6 and done[goes_on].finish_reason == "length"
+    with pytest.raises(ValueError, match="ignore_eos"):
+        engine.add_request([1, 20], GREEDY, 6, ignore_eos="yes")
+
+
 def test_chunked_prefill_equals_whole_prompt_prefill(tiny_checkpoints, tiny_tokenizer_path):
     whole = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 3, device="cpu")
     chunked = Llama(whole.model, whole.tokenizer, prefill_chunk=3)

@@ -281,6 +281,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "stories260K", "prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"model": "stories260K", "prompt": "hi", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": "stories260K", "prompt": "hi", "n": 0}, "'n'"),
+    ("/v1/completions", {"model": "stories260K", "prompt": "hi", "ignore_eos": "yes"}, "'ignore_eos'"),
     ("/v1/completions", {"model": "stories260K", "prompt": "hi", "n": 1000}, "'n'"),
     ("/v1/completions", {"model": "stories260K", "prompt": "hi", "stop": [""]}, "stop"),
     ("/v1/completions", {"model": "stories260K", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
