@@ -31,8 +31,9 @@ def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
             f"{str(ckpt_dir)!r} holds quantized weights (llama.quantize.save_quantized): Llama.build loads it "
             f"as it is, but it cannot be resharded or converted; convert the original float checkpoint instead"
         )
-    is_meta = (ckpt_dir / "params.json").exists() or any(ckpt_dir.glob("*.pth"))
-    if not is_meta and (ckpt_dir / "config.json").exists():
+    # Meta's shards decide; without them, config.json does (a params.json beside a Hugging Face directory's
+    # weights, as some tools write, does not make it Meta's layout: there would be no shards to read).
+    if not any(ckpt_dir.glob("*.pth")) and (ckpt_dir / "config.json").exists():
         reader = HFCheckpoint(ckpt_dir)
         params, file = reader.params, "config.json"
     else:

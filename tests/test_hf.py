@@ -255,6 +255,11 @@ def test_open_checkpoint_prefers_meta_files(tmp_path, hf_dirs, tiny_checkpoints)
     shutil.copytree(tiny_checkpoints[(2, 1)], d)
     shutil.copy(hf_dirs[2] / "config.json", d)
     assert isinstance(open_checkpoint(d)[0], MetaCheckpoint)
+    # A params.json beside Hugging Face weights (no Meta shards) leaves the directory Hugging Face's.
+    h = tmp_path / "hf-with-params"
+    shutil.copytree(hf_dirs[2], h)
+    shutil.copy(tiny_checkpoints[(2, 1)] / "params.json", h)
+    assert isinstance(open_checkpoint(h)[0], HFCheckpoint)
 
 
 def test_resolve_tokenizer_path(tmp_path, tiny_tokenizer_path):
