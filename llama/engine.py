@@ -355,8 +355,8 @@ class Engine:
             if spec.top_logprobs:
                 top = torch.topk(lps, spec.top_logprobs)
                 request.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+        text = request.decoder.text(request.generated)
         if spec.sampling.stop:
-            text = request.decoder.text(request.generated)
             found = [i for i in (text.find(s) for s in spec.sampling.stop) if i >= 0]
             if found:
                 request.text_end = min(found)
@@ -367,7 +367,7 @@ class Engine:
                 return self._finish(request, "stop", new_tokens=[token] if len(request.generated) == n else [])
         if len(request.generated) == request.limit:
             return self._finish(request, "length", new_tokens=[token])
-        return StepOutput(request.id, [token], request.decoder.step(request.generated), request.logprobs[-1:],
+        return StepOutput(request.id, [token], request.decoder.stable(text), request.logprobs[-1:],
                           request.top_logprobs[-1:])
 
     def _finish(self, request: _Running, reason: str, error: Optional[BaseException] = None,
@@ -375,7 +375,7 @@ class Engine:
         del self._requests[request.id]
         self._slots[request.slot] = None
         n = len(request.generated)
-        text = self.tokenizer.decode(request.generated)
+        text = request.decoder.text(request.generated)
         if request.text_end is not None:
             text = text[: request.text_end]
         completion = Completion(request.generated, text, request.logprobs[:n], request.top_logprobs[:n],

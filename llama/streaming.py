@@ -48,9 +48,11 @@ class IncrementalDecoder:
 
     def step(self, tokens: Sequence[int]) -> str:
         """The new stable text after tokens (the whole sequence so far)."""
-        text = self.text(tokens)
-        end = len(text) - self._held_back(text)
-        return self.emit_until(text, end)
+        return self.stable(self.text(tokens))
+
+    def stable(self, text: str) -> str:
+        """The new stable text of text, the latest text(tokens)."""
+        return self.emit_until(text, len(text) - self._held_back(text))
 
     def emit_until(self, text: str, end: int) -> str:
         """Emit text[emitted:end]; call with the final text and its length to flush."""
