@@ -183,7 +183,7 @@ def _untimed_runs(results: dict, memory: PeakMemory, ours: Callable, prompts: Li
     with --compile it is what compiling the decode step (or loading it from the compile cache) costs."""
     memory.restart()
     for b in batches:
-        for i in range(max(results["warmup"], 1)):
+        for _ in range(max(results["warmup"], 1)):
             start = time.perf_counter()
             ours(prompts[:b], results["gen_len"])
             results.setdefault("first_call_s", time.perf_counter() - start)
