@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import threading
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
@@ -281,35 +282,44 @@ def main(
     if global_rank() != 0:
         engine.follow()
         return
-    loop = EngineLoop(engine, max_queue=max_queue, heartbeat_s=5.0 if distributed else None).start()
+    loop = EngineLoop(engine, max_queue=max_queue, heartbeat_s=5.0 if distributed else None)
     name = model_name or Path(ckpt_dir).resolve().name
     app = create_app(loop, generator.tokenizer, name, api_key or os.environ.get("LLAMA_API_KEY") or None,
                      url=f"http://{host}:{port}")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
-    _Server(config).run()
+    if not serve(loop, config):
+        raise OSError(f"could not serve on {host}:{port} (see the error above); choose another --port or --host")
 
 
-class _Server:
-    """uvicorn's server, exiting 0 after a graceful shutdown on SIGTERM or SIGINT (uvicorn re-raises the
-    signal once it has shut down, which would end the process with -15)."""
+def serve(loop: EngineLoop, config) -> bool:
+    """Run uvicorn (config) in a thread and step loop's engine in this one, the main thread: on the CPU
+    torch's kernels run slower in other threads. SIGTERM or SIGINT shut uvicorn down gracefully, which
+    stops the loop. Returns whether uvicorn started listening."""
+    import uvicorn
 
-    def __init__(self, config):
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):  # the main thread takes the signals (below); uvicorn re-raising them would exit -15
+            yield
 
-        class Server(uvicorn.Server):
-            @contextmanager
-            def capture_signals(self):
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
+    server = Server(config)
 
-        self.server = Server(config)
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            loop.request_stop()  # uvicorn failed to start, or has shut down (and stopped the loop)
 
-    def run(self) -> None:
-        self.server.run()
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="llama-http")
+    try:
+        thread.start()
+        loop.run()
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return server.started
 
 
 if __name__ == "__main__":

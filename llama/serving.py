@@ -1,7 +1,9 @@
 """The engine behind a server: one thread steps it; requests, aborts and outputs cross over queues.
 
 HTTP handlers never wait for a step: they queue commands, and the stepping thread hands each
-request's StepOutputs to the handler's callback. Prometheus metrics are kept here, where the steps are.
+request's StepOutputs to the handler's callback. The server steps from the main thread (run()), since
+torch's CPU kernels can run markedly slower in other threads; start() steps in a thread of its own.
+Prometheus metrics are kept here, where the steps are.
 """
 
 import logging
@@ -56,9 +58,9 @@ class _Tracked:
 
 
 class EngineLoop:
-    """Steps an Engine in a thread of its own for as long as there is work.
+    """Steps an Engine until stop(): run() in the calling thread, or start() in a thread of its own.
 
-    submit() and abort() may be called from any thread. max_queue bounds the requests waiting for a
+    submit(), abort() and stop() may be called from any thread. max_queue bounds the requests waiting for a
     slot (QueueFull beyond it). heartbeat_s: with model parallelism, the loop steps at least this
     often while idle, so the other ranks' follow() never waits long enough for a collective to time out.
     """
@@ -76,11 +78,19 @@ class EngineLoop:
         self._tracked: Dict[int, _Tracked] = {}  # by key; only the loop thread touches it
         self._by_engine_id: Dict[int, int] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._done = threading.Event()  # run() has returned
 
     def start(self) -> "EngineLoop":
-        self._thread.start()
+        """Step in a new thread; returns self."""
+        threading.Thread(target=self.run, name="llama-engine", daemon=True).start()
         return self
+
+    def run(self) -> None:
+        """Step in this thread until stop() (called from another thread) ends the loop."""
+        try:
+            self._run()
+        finally:
+            self._done.set()
 
     def submit(self, spec: RequestSpec, on_output: OnOutput) -> int:
         """Queue a request; on_output gets its StepOutputs (in the loop's thread). Returns a key for abort()."""
@@ -103,16 +113,22 @@ class EngineLoop:
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Admit nothing new, let running requests finish for up to timeout seconds, abort the rest, and end
-        the loop (and, under model parallelism, the other ranks' follow())."""
+        """Admit nothing new, let running requests finish for up to timeout seconds, abort the rest, end
+        the loop (and, under model parallelism, the other ranks' follow()) and wait until run() returns."""
         with self._lock:
             self._stopping = True
         deadline = time.monotonic() + timeout
-        while self._thread.is_alive() and (self._tracked or not self._commands.empty()) and time.monotonic() < deadline:
+        while not self._done.is_set() and (self._tracked or not self._commands.empty()) and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.request_stop()
+        self._done.wait()
+
+    def request_stop(self) -> None:
+        """Admit nothing new and end the loop at its next step, aborting what runs; returns at once."""
+        with self._lock:
+            self._stopping = True
         self._commands.put(("stop",))
         self._wake.set()
-        self._thread.join()
 
     def _run(self) -> None:
         while True:

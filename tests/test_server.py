@@ -431,3 +431,58 @@ def test_sigterm_lets_running_requests_finish_and_exits_0():
     assert server.proc.wait(timeout=60) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(server.url + "/health", timeout=1)
+
+
+def test_serve_steps_the_engine_in_the_main_thread_and_stops_on_sigterm(tiny_tokenizer_path):
+    """serve() runs uvicorn in a thread and the engine in the caller's (here the main) thread; SIGTERM to the
+    process shuts both down gracefully and serve() reports that uvicorn had started."""
+    import threading
+
+    import uvicorn
+
+    from llama.server import create_app, serve
+    from llama.serving import EngineLoop
+    from llama.tokenizer import Tokenizer
+    from tests.scripted import scripted_llama
+
+    tokenizer = Tokenizer(str(tiny_tokenizer_path))
+    llama = scripted_llama(tokenizer, lambda sequence: 10 + sequence[-1] % 50, max_batch_size=2)
+    stepped_in = set()
+    step = llama.engine.step
+    llama.engine.step = lambda: (stepped_in.add(threading.current_thread().name), step())[1]
+    loop = EngineLoop(llama.engine)
+    port = free_port()
+    config = uvicorn.Config(create_app(loop, tokenizer, "scripted"), host="127.0.0.1", port=port, log_level="warning")
+    answers = []
+
+    def client():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                                          json={"model": "scripted", "prompt": [1, 20], "max_tokens": 3}).json())
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=client).start()
+    assert serve(loop, config) is True
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    assert answers[0]["usage"]["completion_tokens"] == 3
+    assert stepped_in == {threading.main_thread().name}
+
+
+def test_a_port_in_use_is_a_clear_error(tiny_checkpoints, tiny_tokenizer_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "llama.server", "--ckpt_dir", str(tiny_checkpoints[(None, 1)]),
+                               "--tokenizer_path", str(tiny_tokenizer_path), "--device", "cpu", "--port", str(port),
+                               "--max_seq_len", "64", "--log_level", "warning"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: could not serve on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
