@@ -1,12 +1,12 @@
 """The torch.compile'd one-token decode step, set up for the device it runs on.
 
 CUDA: mode="reduce-overhead", so a step replays as one CUDA graph with no per-kernel launch cost.
-CPU: inductor with freezing and max-autotune: the weights become constants of the graph, prepacked
-for inductor's C++ GEMM template, which streams a weight at close to the memory bandwidth at the
-small row counts of decoding (oneDNN/MKL reach about half of it there). The template is asked for
-alone, since autotuning times both choices with every weight hot in cache, where MKL looks faster;
-for matmuls it cannot do (int4 weights on CPUs without AVX-512, for one) the step is compiled again
-with torch's own kernels as well.
+CPU: inductor with freezing: the weights become constants of the graph, prepacked for the matmul kernel
+that is fastest at the row counts of decoding. For float32 weights that is oneDNN's, packed for a batch
+of 8 rows; for bfloat16/float16 (AMX) and the quantized layers it is inductor's C++ GEMM template
+(max-autotune), asked for alone, since autotuning times the choices with every weight hot in cache, not
+as decoding reads them; for matmuls the template cannot do (int4 weights on CPUs without AVX-512, for
+one) the step is compiled again with torch's own kernels as well. README's benchmark tables compare them.
 
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not
@@ -29,8 +29,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llama import compile_cache
 from llama.distributed import model_parallel_world_size
 from llama.model import Transformer
+from llama.quantized_linear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
+
+
+ONEDNN_PACKED_ROWS = 8  # float32 on CPU: oneDNN's prepacked weights suit 1 to 32 rows best packed for 8
+
+
+def _float32_matmuls(model: Transformer) -> bool:
+    """Whether the model's matmuls are all in float32 (a float32 model with no quantized layers)."""
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return model.tok_embeddings.weight.dtype == torch.float32 and not quantized
 
 
 class _StepOverKeys(torch.nn.Module):
@@ -68,7 +78,8 @@ class CompiledDecodeStep:
         self._module = _StepOverKeys(model)
         self.kv_bucket = self.kv_bucket or (32 if self.device.type == "cpu" else 256)
         self._step: Callable = torch.compile(self._module.forward, mode="reduce-overhead" if self.device.type == "cuda" else None)
-        self._gemm_backends = "CPP"  # on CPU; widened to "CPP,ATEN" when the template cannot do every matmul
+        # On CPU: "CPP" (the template), widened to "CPP,ATEN" when it cannot do every matmul; "" for oneDNN's.
+        self._gemm_backends = "" if _float32_matmuls(model) else "CPP"
         self._key_slots: Dict[int, torch.Tensor] = {}
         # Ahead of time, kept on disk: CPU in one process only (see the module docstring).
         single = self.device.type == "cpu" and model_parallel_world_size() == 1
@@ -100,7 +111,12 @@ class CompiledDecodeStep:
             # A CUDA graph is recorded for each batch size and attended length met: expected, not worth a warning.
             quiet = hasattr(inductor_config.triton, "cudagraph_dynamic_shape_warn_limit")  # not in every torch
             return inductor_config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None} if quiet else {})
-        return inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends=self._gemm_backends)
+        return inductor_config.patch(self._cpu_configs())
+
+    def _cpu_configs(self) -> Dict[str, object]:
+        if not self._gemm_backends:
+            return {"freezing": True}
+        return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": self._gemm_backends}
 
     @torch.no_grad()  # freezing applies only to graphs traced without autograd
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
@@ -151,9 +167,12 @@ class CompiledDecodeStep:
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
                         "gemm": self._gemm_backends}
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
-            configs = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": self._gemm_backends}
+            if batch is not None:  # oneDNN packs the weights for the example's row count
+                rows = min(slots, ONEDNN_PACKED_ROWS)
+                tokens = tokens.new_zeros(rows, 1)
+                positions = positions.new_full((rows, 1), max_len - 1)
             self._package = compile_cache.load_or_compile(
-                self._module, (tokens, positions, key_slots), (batch, batch, keys), configs, path
+                self._module, (tokens, positions, key_slots), (batch, batch, keys), self._cpu_configs(), path
             )
             self._package_for, self._bound_cache = made_for, None
         cache = self.model.layers[0].attention.cache

@@ -69,9 +69,12 @@ def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tok
         torch.testing.assert_close(got, model.forward(tokens, positions)[:, -1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("template_can", [True, False], ids=["template", "fallback"])
 @pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
-def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time):
-    """Where inductor's C++ GEMM template cannot do a quantized matmul (int4 without AVX-512, for one), torch's kernel serves."""
+def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path,
+                                                                      ahead_of_time, template_can):
+    """Quantized layers go to inductor's C++ GEMM template; where it cannot do a quantized matmul (int4 without
+    AVX-512, for one), torch's kernel serves."""
     import torch._inductor.lowering  # noqa: F401 (first: importing quantized_lowerings alone is a circular import)
     import torch._inductor.quantized_lowerings as quantized_lowerings
     from llama.compiled import CompiledDecodeStep
@@ -81,13 +84,29 @@ def test_compiled_step_on_cpu_falls_back_to_torch_kernels(tiny_checkpoints, tiny
     g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
     expected = g.model.forward(tokens, positions)[:, -1]
 
-    monkeypatch.setattr(quantized_lowerings, "use_cpp_gemm_template", lambda *args, **kwargs: False)
+    if not template_can:
+        monkeypatch.setattr(quantized_lowerings, "use_cpp_gemm_template", lambda *args, **kwargs: False)
     monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path) if ahead_of_time else "off")
     torch._dynamo.reset()
     step = CompiledDecodeStep(g.model)
     with torch.compiler.config.patch(force_disable_caches=True):  # a cached graph would skip the lowering
-        torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
-    assert step._gemm_backends == "CPP,ATEN"
+        got = step(tokens, positions)
+    # int8 matmuls compute in bfloat16 on CPU: torch's kernels give eager's numbers, the template rounds its
+    # products in another order (within two bfloat16 ulps of the largest logit; as far from a float32 model
+    # with the dequantized weights as eager is).
+    atol = 1e-4 if not template_can else 2 ** -7 * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
+    assert step._gemm_backends == ("CPP" if template_can else "CPP,ATEN")
+
+
+def test_float32_step_on_cpu_uses_onednn_kernels(tiny_checkpoints, tiny_tokenizer_path):
+    """A float32 model's matmuls go to oneDNN (no template, no autotuning), bfloat16's and quantized ones' to the template."""
+    from llama.compiled import CompiledDecodeStep
+
+    for dtype, quantize, backends in (("float32", None, ""), ("bfloat16", None, "CPP"), ("float32", "int8", "CPP")):
+        g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", dtype=dtype, quantize=quantize)
+        step = CompiledDecodeStep(g.model)
+        assert step._gemm_backends == backends and ("max_autotune" in step._cpu_configs()) == bool(backends)
 
 
 def test_compiled_decode_under_model_parallel(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
