@@ -8,14 +8,18 @@ a later process with the same key loads it in seconds. The KV cache is not baked
 pointed at the model's own cache tensors, which it reads and writes in place.
 
 LLAMA_COMPILE_CACHE names the directory (default ~/.cache/llama/compiled, under XDG_CACHE_HOME if set);
-"off" (or "0", or empty) compiles in-process every time.
+"off" (or "0", or empty) compiles in-process every time. The packages least recently used are removed
+once the directory holds more than LLAMA_COMPILE_CACHE_GB (default 20) gigabytes: each is GBs.
 """
 
 import hashlib
 import logging
 import os
 import platform
+import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
@@ -24,6 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "LLAMA_COMPILE_CACHE"
+SIZE_VARIABLE = "LLAMA_COMPILE_CACHE_GB"
 # The code whose graph the package holds: a change to any of them is a new key.
 _SOURCES = ("model.py", "quantized_linear.py", "compiled.py", "compile_cache.py")
 
@@ -64,9 +69,11 @@ def load_or_compile(
     The package is written under a temporary name and renamed, so a process that dies while compiling, or two
     processes compiling at once, never leave a partial package under the real name.
     """
+    size_limit()  # a bad setting fails before minutes of compiling
     if path.exists():
         try:
-            runner = torch._inductor.aoti_load_package(str(path))
+            runner = _load(path)
+            os.utime(path)  # recently used: the last to be evicted
             logger.info("loaded the compiled decode step from %s", path)
             return runner
         except Exception as error:  # a truncated or foreign file: compile it again
@@ -78,9 +85,74 @@ def load_or_compile(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=inductor_configs)
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+        with _private_temp_dir() as build_dir, temporary_cache_dir(build_dir):  # inductor's build files: GBs
+            torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=inductor_configs)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return torch._inductor.aoti_load_package(str(path))
+    evict(path.parent, keep=path)
+    return _load(path)
+
+
+def _load(path: Path) -> Callable:
+    # The loader unpacks the package (GBs) under TMPDIR and removes it only when the runner is destroyed,
+    # which a process ending seldom does: unpack into a directory of our own, removed once loaded (the
+    # shared library and the weights stay mapped).
+    with _private_temp_dir():
+        return torch._inductor.aoti_load_package(str(path))
+
+
+@contextmanager
+def _private_temp_dir():
+    """A new directory, TMPDIR for native code (and the compilers it runs) until the block ends; then removed."""
+    directory = tempfile.mkdtemp(prefix="llama-compile-")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = directory
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def size_limit() -> float:
+    """LLAMA_COMPILE_CACHE_GB in bytes (ValueError naming the variable if it is not a number >= 0)."""
+    value = os.environ.get(SIZE_VARIABLE, "20")
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = -1.0
+    if not limit >= 0:
+        raise ValueError(f"{SIZE_VARIABLE} must be a number of gigabytes >= 0, got {value!r}")
+    return limit * 1e9
+
+
+def evict(directory: Path, keep: Optional[Path] = None) -> None:
+    """Remove the least recently used packages until directory holds at most LLAMA_COMPILE_CACHE_GB
+    gigabytes (never keep), and partial packages of compilations that died over a day ago."""
+    limit_bytes = size_limit()
+    packages = []
+    for entry in directory.glob("*.pt2"):
+        try:
+            stat = entry.stat()
+        except OSError:  # removed meanwhile by another process
+            continue
+        if entry.name.startswith("."):
+            if stat.st_mtime < time.time() - 86400:
+                entry.unlink(missing_ok=True)
+            continue
+        packages.append((stat.st_mtime, stat.st_size, entry))
+    total = sum(size for _, size, _ in packages)
+    for _, size, entry in sorted(packages, key=lambda p: p[0]):
+        if total <= limit_bytes:
+            break
+        if entry != keep:
+            logger.info("removing the least recently used compiled step %s (%s is over %.1f GB)", entry, directory, limit_bytes / 1e9)
+            entry.unlink(missing_ok=True)
+            total -= size

@@ -1,11 +1,17 @@
-"""The on-disk cache of compiled decode steps: its key, a damaged package, a cache that cannot be written."""
+"""The on-disk cache of compiled decode steps: its key, a damaged package, a cache that cannot be written,
+its size bound, and no temporary files left behind."""
 
 import logging
+import os
+import tempfile
+import time
+
+import pytest
 
 import torch
 
 from llama import Llama
-from llama.compile_cache import cache_dir, package_key
+from llama.compile_cache import cache_dir, evict, package_key
 from llama.random_model import build_random_model
 
 
@@ -37,7 +43,11 @@ def _greedy(generator):
 
 
 def test_a_damaged_package_is_compiled_again(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, caplog):
+    """Also: compiling and loading leave nothing in the temporary directory (torch leaves GBs there by itself)."""
     monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     def build(compile):
         return Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu", compile=compile)
@@ -50,6 +60,25 @@ def test_a_damaged_package_is_compiled_again(tiny_checkpoints, tiny_tokenizer_pa
         assert _greedy(build(True)) == expected
     assert "could not load the compiled decode step" in caplog.text
     assert package.stat().st_size > 1000 and not list(tmp_path.glob(".*"))  # replaced whole; no temporary left
+    # Only inductor's precompiled headers stay: one set per torch build, reused by every compilation.
+    assert not [p for p in scratch.rglob("*") if p.is_file() and "precompiled_headers" not in p.parts]
+
+
+def test_the_least_recently_used_packages_go_beyond_the_size_limit(monkeypatch, tmp_path):
+    now = time.time()
+    for age, name in enumerate(("new", "mid", "old", "older")):
+        (tmp_path / f"decode-{name}.pt2").write_bytes(b"x" * 400)
+        os.utime(tmp_path / f"decode-{name}.pt2", (now - age * 60, now - age * 60))
+    (tmp_path / ".decode-dead.abc.pt2").write_bytes(b"x")  # a compilation that died two days ago
+    os.utime(tmp_path / ".decode-dead.abc.pt2", (now - 2 * 86400, now - 2 * 86400))
+    (tmp_path / ".decode-busy.abc.pt2").write_bytes(b"x")  # one compiling now
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE_GB", str(1000 / 1e9))
+    evict(tmp_path, keep=tmp_path / "decode-older.pt2")  # just written: kept however old its time
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".decode-busy.abc.pt2", "decode-new.pt2", "decode-older.pt2"]
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("LLAMA_COMPILE_CACHE_GB", bad)
+        with pytest.raises(ValueError, match="LLAMA_COMPILE_CACHE_GB must be a number of gigabytes"):
+            evict(tmp_path)
 
 
 def test_a_cache_that_cannot_be_written_compiles_in_process(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, caplog):
