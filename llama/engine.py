@@ -44,6 +44,23 @@ class _Running:
         return self.fed == len(self.spec.prompt)
 
 
+def _feeding_groups(chunks: List[Tuple[_Running, int]], cache_len: int, waste: float = 1.25) -> List[List[Tuple[_Running, int]]]:
+    """Prompt chunks (request, tokens) in groups fed by one forward call each: padded to the group's
+    longest, a group holds at most `waste` times the tokens of its chunks (one long forward beats many
+    short ones on every device). A request that scores its prompt goes alone (it needs every position's
+    logits), as does one whose padding would run past the cache's end."""
+    groups: List[List[Tuple[_Running, int]]] = []
+    for request, n in sorted(chunks, key=lambda c: -c[1]):
+        group = groups[-1] if groups else None
+        if (group and not group[0][0].spec.prompt_logprobs and not request.spec.prompt_logprobs
+                and request.fed + group[0][1] <= cache_len
+                and (len(group) + 1) * group[0][1] <= waste * (sum(m for _, m in group) + n)):
+            group.append((request, n))
+        else:
+            groups.append([(request, n)])
+    return groups
+
+
 @dataclass
 class _Plan:
     """One step's decisions: aborted ids, admissions (id, slot, spec), prompt chunks (id, tokens), and
@@ -277,11 +294,25 @@ class Engine:
     # The model ---------------------------------------------------------------------------------------
 
     def _forward(self, chunks: List[Tuple[int, int]], decoding: List[_Running]) -> Tuple[List[_Running], torch.Tensor]:
-        """Feed this step's prompt chunks and one token of each decoding request. Returns the requests
-        that get a new token and their last-position logits (rows, vocab)."""
-        rows, logits = [], []
-        for request_id, n in chunks:
-            request = self._requests[request_id]
+        """Feed this step's prompt chunks (those of similar lengths together) and one token of each decoding
+        request. Returns the requests that get a new token and their last-position logits (rows, vocab)."""
+        fed = [(self._requests[i], n) for i, n in chunks]
+        last = {}
+        for group in _feeding_groups(fed, self.model.cache_shape[1]):
+            last.update(zip((r.id for r, _ in group), self._feed(group)))
+        rows = [r for r, _ in fed if r.decoding and r.limit > 0]
+        logits = [last[r.id] for r in rows]
+        if decoding:
+            logits += list(self._decode_step(decoding))
+            rows += decoding
+        return rows, torch.stack(logits) if logits else torch.empty(0)
+
+    def _feed(self, group: List[Tuple[_Running, int]]) -> List[torch.Tensor]:
+        """Write the prompt chunks of group (request, tokens) to the cache in one forward call, padded to the
+        longest; each request's logits at its chunk's last token. The padding's keys and values land at
+        positions its request writes before reading them."""
+        if len(group) == 1:
+            request, n = group[0]
             start = request.fed
             tokens = torch.tensor([request.spec.prompt[start : start + n]], device=self.device)
             slot = torch.tensor([request.slot], device=self.device)
@@ -289,13 +320,17 @@ class Engine:
             request.fed += n
             if request.spec.prompt_logprobs:
                 self._score_prompt(request, start, out)
-            if request.decoding and request.limit > 0:
-                rows.append(request)
-                logits.append(out[-1])
-        if decoding:
-            logits += list(self._decode_step(decoding))
-            rows += decoding
-        return rows, torch.stack(logits) if logits else torch.empty(0)
+            return [out[-1]]
+        width = max(n for _, n in group)
+        tokens = [r.spec.prompt[r.fed : r.fed + n] + [0] * (width - n) for r, n in group]
+        positions = [range(r.fed, r.fed + width) for r, _ in group]
+        kv_len = max(r.fed + n for r, n in group)
+        out = self.model.forward(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                                 torch.tensor([r.slot for r, _ in group], device=self.device), kv_len=kv_len,
+                                 output_index=torch.tensor([n - 1 for _, n in group], device=self.device))
+        for request, n in group:
+            request.fed += n
+        return list(out[:, 0])
 
     def _decode_step(self, decoding: List[_Running]) -> torch.Tensor:
         """One token for each decoding request, in a batch over slots 0..the highest one in use. A slot

@@ -298,6 +298,7 @@ class Transformer(nn.Module):
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         last_only: bool = False,
+        output_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab) of tokens (bsz, seqlen), writing their keys and values to the cache.
 
@@ -307,7 +308,8 @@ class Transformer(nn.Module):
         first kv_len positions of their slot (default: up to the last token, or the whole cache for
         tensor positions) under a causal mask by position; shapes never depend on the positions'
         values, so one compiled graph serves every decode step. last_only=True returns the last
-        position's logits only (bsz, 1, vocab), skipping the output layer for the others.
+        position's logits only (bsz, 1, vocab), skipping the output layer for the others; output_index
+        (bsz,) likewise returns each row's logits at that index only (rows of different lengths, padded).
         """
         at = self._positions(tokens, start_pos, slots, kv_len)
         h = self.tok_embeddings(tokens)
@@ -315,6 +317,8 @@ class Transformer(nn.Module):
             h = layer(h, at)
         if last_only:
             h = h[:, -1:]
+        elif output_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), output_index][:, None]
         return self.output(self.norm(h)).float()
 
     def _positions(self, tokens: torch.Tensor, start_pos, slots, kv_len) -> "Positions":

@@ -15,7 +15,8 @@ class ScriptedModel(torch.nn.Module):
     script: a list per cache slot (script[slot][p] is the token generated at position p), or a
     function of the whole sequence so far (its tokens as stored in this model's own token "cache",
     so a token fed at the wrong position or slot changes what follows). Every forward call is
-    recorded in calls as (rows, tokens per row), and each prompt chunk's length in prefills.
+    recorded in calls as (rows, tokens per row), and each prompt chunk's length in prefills (those fed
+    together too, without their padding).
     """
 
     def __init__(self, params: ModelArgs, vocab_size: int, script: Script):
@@ -36,11 +37,13 @@ class ScriptedModel(torch.nn.Module):
         row = self.script[slot]
         return row[position + 1] if position + 1 < len(row) else 0  # past the script: a stand-in row
 
-    def forward(self, tokens, start_pos=0, slots=None, kv_len=None, last_only=False):
+    def forward(self, tokens, start_pos=0, slots=None, kv_len=None, last_only=False, output_index=None):
         bsz, seqlen = tokens.shape
         self.calls.append((bsz, seqlen))
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos.reshape(bsz, seqlen)
+            if output_index is not None:  # prompt chunks fed together, padded to the longest
+                self.prefills += [int(i) + 1 for i in output_index]
         else:
             self.prefills.append(seqlen)
             positions = torch.arange(start_pos, start_pos + seqlen).expand(bsz, seqlen)
@@ -51,6 +54,8 @@ class ScriptedModel(torch.nn.Module):
             self.tokens[slot, positions[row]] = tokens[row]
             for i in range(seqlen):
                 logits[row, i, self._next(slot, int(positions[row, i]))] = self.margin
+        if output_index is not None:
+            return logits[torch.arange(bsz), output_index][:, None]
         return logits[:, -1:] if last_only else logits
 
 

@@ -200,6 +200,44 @@ def test_chunked_prefill_equals_whole_prompt_prefill(tiny_checkpoints, tiny_toke
         torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
 
 
+def test_prompt_chunks_fed_together_equal_each_fed_alone(tiny_checkpoints, tiny_tokenizer_path):
+    """Chunks of similar lengths go through one padded forward call (a mid-prompt one too); each request
+    gets the greedy tokens and logprobs it gets alone."""
+    llama = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 4, device="cpu")
+    prompts = [[1] + list(range(10 + 20 * i, 10 + 20 * i + n)) for i, n in enumerate((11, 10, 9, 8))]  # 12, 11, 10, 9 tokens
+    alone = [llama.generate([p], max_gen_len=8, temperature=0, logprobs=True) for p in prompts]
+    together = []
+    forward = llama.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs.get("output_index") is not None:
+            together.append(kwargs["output_index"].tolist())
+        return forward(*args, **kwargs)
+
+    llama.model.forward = recording
+    batched = Llama(llama.model, llama.tokenizer, prefill_chunk=24).generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
+    # Step 1: 12 and 11 tokens together, 1 alone (too short to pad); step 2: 9 (from position 1) and 9 together.
+    assert together == [[11, 10], [8, 8]]
+    for i, (tokens, logprobs) in enumerate(alone):
+        assert batched[0][i] == tokens[0]
+        torch.testing.assert_close(torch.tensor(batched[1][i]), torch.tensor(logprobs[0]), atol=1e-5, rtol=0)
+
+
+def test_feeding_groups_pad_little_and_never_past_the_cache():
+    from types import SimpleNamespace
+
+    from llama.engine import _feeding_groups
+
+    def request(fed, prompt_logprobs=False):
+        return SimpleNamespace(fed=fed, spec=SimpleNamespace(prompt_logprobs=prompt_logprobs))
+
+    a, b, c, scored, near_end, f = request(0), request(0), request(0), request(0, True), request(58), request(0)
+    groups = _feeding_groups([(a, 10), (b, 9), (c, 3), (scored, 9), (near_end, 5), (f, 8)], cache_len=64)
+    # Longest first; b pads by 1 token; the scored one goes alone, and nothing joins it; near_end (at position
+    # 58) padded to f's 8 would pass the cache's end; c (3) pads to 5 beside near_end: 10 <= 1.25 * 8.
+    assert [[r for r, _ in g] for g in groups] == [[a, b], [scored], [f], [near_end, c]]
+
+
 @pytest.fixture(scope="module")
 def stories(stories260k):
     def build(max_batch_size):
