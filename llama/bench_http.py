@@ -13,9 +13,9 @@ usage chunk over the wall time), time to first token (request sent to first text
 inter-chunk latency (the gap between consecutive text chunks: one token per chunk, except where a
 tokenizer holds back text, such as part of a multi-byte character), p50 and p99.
 
-Without --url, a server on a random model of --shape is started in this process (EngineLoop and the
-FastAPI app of llama.server, uvicorn in a thread; the client runs in a child process, as a client
-would, not competing for this process's GIL), and the same workload also runs directly on an engine
+Without --url, a server on a random model of --shape is started in this process (llama.server's
+FastAPI app in uvicorn in a thread, its EngineLoop stepping in the main thread as in the server; the
+client runs in a child process, as a client would, not competing for this process's GIL), and the same workload also runs directly on an engine
 over the same model (the same concurrency limit or arrival times, stepped in this thread), the two
 taking turns: HTTP throughput as a share of the engine's own. Its stand-in tokenizer never emits EOS,
 so every request generates exactly its max_tokens, and its text is the token ids, which are compared
@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -179,7 +179,8 @@ class TimedEngine(Engine):
 
 
 class InProcessServer:
-    """llama.server's app over an EngineLoop on engine, served by uvicorn in a thread on 127.0.0.1."""
+    """llama.server's app over an EngineLoop on engine, served by uvicorn in a thread on 127.0.0.1; the engine
+    steps in the main thread, as in llama.server, while serve_until() waits for a client."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, max_queue: int):
         import uvicorn
@@ -187,7 +188,7 @@ class InProcessServer:
         from llama.server import create_app
         from llama.serving import EngineLoop
 
-        self.loop = EngineLoop(engine, max_queue=max_queue).start()
+        self.loop = EngineLoop(engine, max_queue=max_queue)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -202,10 +203,16 @@ class InProcessServer:
                 raise RuntimeError("the in-process server did not start")
             time.sleep(0.05)
 
+    def serve_until(self, client: Future):
+        """Step the engine in this thread until client (a future) is done; its result."""
+        self.loop.run(until=client)
+        return client.result()
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-        self.loop.stop(5.0)
+        self.loop.request_stop()
+        self.loop.run()
 
 
 def thread_cpu_s() -> Dict[int, float]:
@@ -284,9 +291,8 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
     served = TimedEngine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)
     server = InProcessServer(served, tokenizer, name, max_queue=max(256, len(workload)))
     direct = TimedEngine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)  # steps only while the server idles
-    # The threads whose CPU time is reported (the loop's thread is EngineLoop's own; not found, it counts as other).
-    threads = {"http_server": server.thread.native_id,
-               "engine_loop": getattr(getattr(server.loop, "_thread", None), "native_id", None)}
+    # The threads whose CPU time is reported: uvicorn's, and the main one, which steps the engine.
+    threads = {"http_server": server.thread.native_id, "engine_loop": threading.main_thread().native_id}
     # The client runs in a process of its own, as clients do: in this one it would hold the GIL the server needs.
     client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
@@ -299,9 +305,9 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
 
     best: dict = {}
     try:
-        client.submit(run_http, server.url, name, warm, min(limit or slots, len(warm)), slots).result()
+        server.serve_until(client.submit(run_http, server.url, name, warm, min(limit or slots, len(warm)), slots))
         for _ in range(repeats):  # the two take turns
-            send = lambda: client.submit(run_http, server.url, name, workload, limit, slots).result()  # noqa: E731
+            send = lambda: server.serve_until(client.submit(run_http, server.url, name, workload, limit, slots))  # noqa: E731
             (summary, replies), seen = measured(served, threads, send)
             _keep_best(best, "http", {**summary, **seen}, replies)
             drive = (lambda: drive_closed_loop(direct, workload, limit)) if limit else (lambda: bs.drive(direct, workload))

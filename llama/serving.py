@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -85,11 +86,17 @@ class EngineLoop:
         threading.Thread(target=self.run, name="llama-engine", daemon=True).start()
         return self
 
-    def run(self) -> None:
-        """Step in this thread until stop() (called from another thread) ends the loop."""
+    def run(self, until: Optional[Future] = None) -> None:
+        """Step in this thread until stop() (called from another thread) ends the loop; with until, return
+        as well once that future is done and no request is left (run() may then be called again)."""
+        if until is not None:
+            until.add_done_callback(lambda _: self._wake.set())
         try:
-            self._run()
-        finally:
+            stopped = self._run(until)
+        except BaseException:
+            self._done.set()
+            raise
+        if stopped:
             self._done.set()
 
     def submit(self, spec: RequestSpec, on_output: OnOutput) -> int:
@@ -130,19 +137,21 @@ class EngineLoop:
         self._commands.put(("stop",))
         self._wake.set()
 
-    def _run(self) -> None:
+    def _run(self, until: Optional[Future]) -> bool:
+        """Steps; True once stopped, False when until is done and no request is left."""
         while True:
-            stop = self._apply_commands()
-            if stop:
+            if self._apply_commands():
                 for key in list(self._tracked):
                     self.engine.abort(self._tracked[key].engine_id)
                 while self.engine.has_work():
                     self._step()
                 if self.heartbeat_s is not None:
                     self.engine.close()
-                return
+                return True
             if self.engine.has_work():
                 self._step()
+            elif until is not None and until.done() and not self._tracked and self._commands.empty():
+                return False
             elif self._wake.wait(self.heartbeat_s):
                 self._wake.clear()
             elif self.heartbeat_s is not None:

@@ -3,6 +3,7 @@ reached by --url) that check every figure is present, finite and consistent; no 
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -75,7 +76,8 @@ def test_cli_against_a_running_server(tmp_path):
         args = ["-m", "llama.bench_http", "--url", server.url, "--vocab_size", "512", "--concurrency", "3",
                 "--max_batch_size", "2", "--repeats", "2", "--json", out] + [f"--{k}={v}" for k, v in SMALL.items() if k in ("requests", "prompt_min",
                                                                                                   "prompt_max", "gen_min", "gen_max")]
-        proc = launch(args, timeout=120)
+        with ThreadPoolExecutor(1) as pool:  # the engine steps in this thread meanwhile, as in llama.server
+            proc = server.serve_until(pool.submit(launch, args, timeout=120))
         check_exit(proc)
     finally:
         server.stop()
