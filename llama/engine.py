@@ -63,11 +63,12 @@ def _feeding_groups(chunks: List[Tuple[_Running, int]], cache_len: int, waste: f
 
 @dataclass
 class _Plan:
-    """One step's decisions: aborted ids, admissions (id, slot, spec), prompt chunks (id, tokens), and
-    whether rank 0 has closed the engine (the other ranks' follow() then returns)."""
+    """One step's decisions: aborted ids, admissions (id, slot, spec), moves (id, new slot), prompt chunks
+    (id, tokens), and whether rank 0 has closed the engine (the other ranks' follow() then returns)."""
 
     aborts: List[int]
     admits: List[Tuple[int, int, RequestSpec]]
+    moves: List[Tuple[int, int]]
     chunks: List[Tuple[int, int]]
     closed: bool = False
 
@@ -206,6 +207,8 @@ class Engine:
         outputs = [o for o in outputs if o is not None]
         for request_id, slot, spec in plan.admits:
             self._admit(request_id, slot, spec)
+        for request_id, slot in plan.moves:
+            self._move(self._requests[request_id], slot)
         decoding = [r for r in self._requests.values() if r.decoding and r.generated]
         chunked = [self._requests[i] for i, _ in plan.chunks]
         try:
@@ -236,6 +239,14 @@ class Engine:
         if self.policy == "continuous" or not running:
             for (request_id, spec), slot in zip(waiting, free):
                 admits.append((request_id, slot, spec))
+        moves = []
+        if len(waiting) == len(admits):
+            # Nothing waits for the free slots: fill those below the highest one in use from the top, since a
+            # decode step computes a row for every slot up to the highest.
+            free = free[len(admits):]
+            used = sorted((self._requests[i].slot, i) for i in running)
+            while free and used and free[0] < used[-1][0]:
+                moves.append((used.pop()[1], free.pop(0)))
         budget = self.prefill_chunk
         chunks = []
         prefilling = [self._requests[i] for i in running if not self._requests[i].decoding]
@@ -245,7 +256,7 @@ class Engine:
                 break
             chunks.append((request_id, min(need, budget)))
             budget -= chunks[-1][1]
-        return _Plan(aborts, admits, chunks, self.closed)
+        return _Plan(aborts, admits, moves, chunks, self.closed)
 
     def _share(self, plan: _Plan) -> _Plan:
         """Under model parallelism every rank takes rank 0's plan."""
@@ -290,6 +301,15 @@ class Engine:
             if self._counts is None:
                 self._counts = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.int32, device=self.device)
             self._counts[slot] = 0
+
+    def _move(self, request: _Running, slot: int) -> None:
+        """Move a request to another (free) slot, with its cached keys and values and penalty state."""
+        self.model.move_slot(request.slot, slot, request.fed + max(0, len(request.generated) - 1))
+        for table in (self._seen, self._counts):
+            if table is not None:
+                table[slot] = table[request.slot]
+        self._slots[request.slot], self._slots[slot] = None, request.id
+        request.slot = slot
 
     # The model ---------------------------------------------------------------------------------------
 

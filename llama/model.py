@@ -187,6 +187,11 @@ class KVCache(nn.Module):
         self.k[rows, :, positions] = k
         self.v[rows, :, positions] = v
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot src's first length positions to slot dst."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
     def read(self, slots: Optional[torch.Tensor], bsz: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at positions 0..kv_len-1 of the given slots (None: slots 0..bsz-1, read in place)."""
         if slots is None:
@@ -283,6 +288,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(batch, attn.n_local_kv_heads, seq, attn.head_dim, weight.dtype, weight.device)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's first length cached positions from slot src to slot dst (its keys and values in
+        every layer), so it can go on from there."""
+        for layer in self.layers:
+            layer.attention.cache.move(src, dst, length)
 
     @property
     def cache_shape(self) -> Optional[Tuple[int, int]]:

@@ -12,11 +12,12 @@ Script = Union[Sequence[Sequence[int]], Callable[[List[int]], int]]
 class ScriptedModel(torch.nn.Module):
     """At each position the argmax of the logits is the script's next token.
 
-    script: a list per cache slot (script[slot][p] is the token generated at position p), or a
+    script: a list per cache slot (script[slot][p] is the token generated at position p by the sequence
+    that starts in that slot, wherever the engine moves it), or a
     function of the whole sequence so far (its tokens as stored in this model's own token "cache",
     so a token fed at the wrong position or slot changes what follows). Every forward call is
-    recorded in calls as (rows, tokens per row), and each prompt chunk's length in prefills (those fed
-    together too, without their padding).
+    recorded in calls as (rows, tokens per row), each prompt chunk's length in prefills (those fed
+    together too, without their padding), and each move_slot in moves.
     """
 
     def __init__(self, params: ModelArgs, vocab_size: int, script: Script):
@@ -24,17 +25,24 @@ class ScriptedModel(torch.nn.Module):
         self.params, self.vocab_size, self.script = params, vocab_size, script
         self.tok_embeddings = torch.nn.Embedding(1, 1)
         self.cache_shape = None
-        self.calls, self.prefills = [], []
+        self.calls, self.prefills, self.moves = [], [], []
         self.margin = 10.0  # the script's logit; every other token's is 0
 
     def setup_cache(self):
         self.cache_shape = (self.params.max_batch_size, self.params.max_seq_len)
         self.tokens = torch.full(self.cache_shape, -1, dtype=torch.long)
+        self.script_row = list(range(self.cache_shape[0]))  # the list script each slot's sequence follows
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.moves.append((src, dst, length))
+        self.tokens[dst, :length] = self.tokens[src, :length]
+        self.tokens[src] = -1  # what src held is gone: a read of it would show
+        self.script_row[dst], self.script_row[src] = self.script_row[src], src  # a list script goes with its sequence
 
     def _next(self, slot: int, position: int) -> int:
         if callable(self.script):
             return self.script(self.tokens[slot, : position + 1].tolist())
-        row = self.script[slot]
+        row = self.script[self.script_row[slot]]
         return row[position + 1] if position + 1 < len(row) else 0  # past the script: a stand-in row
 
     def forward(self, tokens, start_pos=0, slots=None, kv_len=None, last_only=False, output_index=None):

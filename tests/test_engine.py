@@ -223,6 +223,31 @@ def test_prompt_chunks_fed_together_equal_each_fed_alone(tiny_checkpoints, tiny_
         torch.testing.assert_close(torch.tensor(batched[1][i]), torch.tensor(logprobs[0]), atol=1e-5, rtol=0)
 
 
+def test_a_request_moved_to_a_lower_slot_goes_on_as_it_would_have(tiny_checkpoints, tiny_tokenizer_path):
+    """When nothing waits, a request in the highest slot moves into a lower free one (keys, values and
+    penalty state with it), so decode steps shrink; its tokens are the ones it gets alone."""
+    llama = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 3, device="cpu")
+    prompts = [[1, 10, 11, 12], [1, 20, 21], [1, 30, 31, 32, 33]]
+    settings = [(GREEDY, 2), (SamplingParams(temperature=0.8, seed=5), 4), (SamplingParams(temperature=0, repetition_penalty=1.3), 20)]
+    alone = []
+    for prompt, (sampling, n) in zip(prompts, settings):
+        engine = Engine(llama.model, llama.tokenizer)
+        request_id = engine.add_request(prompt, sampling, n, logprobs=True)
+        alone.append(finished(run(engine))[request_id].completion)
+    moves = []
+    move_slot = llama.model.move_slot
+    llama.model.move_slot = lambda *args: (moves.append(args), move_slot(*args))
+    engine = Engine(llama.model, llama.tokenizer)
+    ids = [engine.add_request(p, sampling, n, logprobs=True) for p, (sampling, n) in zip(prompts, settings)]
+    done = finished(run(engine))
+    # Slot 0 frees after 2 tokens: the request in slot 2 moves there (4 + 2 positions cached); slot 1 frees
+    # after 4: nothing is above it then.
+    assert moves == [(2, 0, 6)]
+    for request_id, expected in zip(ids, alone):
+        assert done[request_id].completion.tokens == expected.tokens
+        torch.testing.assert_close(torch.tensor(done[request_id].completion.logprobs), torch.tensor(expected.logprobs), atol=1e-5, rtol=0)
+
+
 def test_feeding_groups_pad_little_and_never_past_the_cache():
     from types import SimpleNamespace
 

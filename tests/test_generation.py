@@ -87,9 +87,11 @@ def test_sequences_stop_at_eos_and_output_is_cut_before_it(generator):
     tokens, lps = scripted.generate([[1, 3], [1, 4]], max_gen_len=9, temperature=0, logprobs=True)
     assert tokens == [[7, 8], [5, 5, 5, 5, 5]]
     assert [len(x) for x in lps] == [2, 5]
-    # Each prompt in one pass (its last position gives the first token), then one step per token
-    # until the last row has produced EOS: no step runs past it.
-    assert model.calls == [(1, 2), (1, 2)] + [(2, 1)] * 5
+    # Both prompts in one pass (their last positions give the first tokens), then one step per token until
+    # the last row has produced EOS (no step runs past it); once the first row ends, the second moves to its
+    # slot (its 4 cached positions: prompt and 3 tokens, less the last, not yet fed) and steps alone.
+    assert model.calls == [(2, 2)] + [(2, 1)] * 2 + [(1, 1)] * 3
+    assert model.moves == [(1, 0, 4)]
 
 
 def test_sampling_is_reproducible_with_the_build_seed(tiny_checkpoints, tiny_tokenizer_path):
