@@ -9,7 +9,6 @@ scheduling decision and the other ranks apply the same plan, so all ranks run th
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,59 +17,11 @@ import torch.nn.functional as F
 from llama.checks import check_positive_int, is_int
 from llama.request import Completion, RequestSpec, StepOutput, check_prompt, check_stop_token_ids
 from llama.sampling import SamplingParams, check_max_gen_len, next_tokens
+from llama.scheduling import Plan, Running, feeding_groups, plan_step
 from llama.streaming import IncrementalDecoder
 from llama.tokenizer import Tokenizer
 
 POLICIES = ("continuous", "static")
-
-
-@dataclass(eq=False)  # compared and hashed by identity
-class _Running:
-    id: int
-    spec: RequestSpec
-    limit: int  # tokens it may generate: max_gen_len, or fewer where the context ends first
-    decoder: IncrementalDecoder
-    generator: Optional[torch.Generator]
-    slot: int = -1
-    fed: int = 0  # prompt tokens already in the cache
-    generated: List[int] = field(default_factory=list)
-    logprobs: List[float] = field(default_factory=list)
-    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
-    prompt_logprobs: List[float] = field(default_factory=list)
-    text_end: Optional[int] = None  # with a stop string: where the text is cut
-
-    @property
-    def decoding(self) -> bool:
-        return self.fed == len(self.spec.prompt)
-
-
-def _feeding_groups(chunks: List[Tuple[_Running, int]], cache_len: int, waste: float = 1.25) -> List[List[Tuple[_Running, int]]]:
-    """Prompt chunks (request, tokens) in groups fed by one forward call each: padded to the group's
-    longest, a group holds at most `waste` times the tokens of its chunks (one long forward beats many
-    short ones on every device). A request that scores its prompt goes alone (it needs every position's
-    logits), as does one whose padding would run past the cache's end."""
-    groups: List[List[Tuple[_Running, int]]] = []
-    for request, n in sorted(chunks, key=lambda c: -c[1]):
-        group = groups[-1] if groups else None
-        if (group and not group[0][0].spec.prompt_logprobs and not request.spec.prompt_logprobs
-                and request.fed + group[0][1] <= cache_len
-                and (len(group) + 1) * group[0][1] <= waste * (sum(m for _, m in group) + n)):
-            group.append((request, n))
-        else:
-            groups.append([(request, n)])
-    return groups
-
-
-@dataclass
-class _Plan:
-    """One step's decisions: aborted ids, admissions (id, slot, spec), moves (id, new slot), prompt chunks
-    (id, tokens), and whether rank 0 has closed the engine (the other ranks' follow() then returns)."""
-
-    aborts: List[int]
-    admits: List[Tuple[int, int, RequestSpec]]
-    moves: List[Tuple[int, int]]
-    chunks: List[Tuple[int, int]]
-    closed: bool = False
 
 
 class Engine:
@@ -105,7 +56,7 @@ class Engine:
         self._decode = decode or self._eager_decode
         self._ids = itertools.count()
         self._waiting: deque = deque()  # (id, spec), in arrival order
-        self._requests: Dict[int, _Running] = {}  # admitted ones, by id
+        self._requests: Dict[int, Running] = {}  # admitted ones, by id
         self._slots: List[Optional[int]] = [None] * model.cache_shape[0]  # request id in each slot
         self._aborts: List[int] = []
         self.closed = False
@@ -230,35 +181,12 @@ class Engine:
 
     # Scheduling (rank 0) ---------------------------------------------------------------------------
 
-    def _plan(self) -> _Plan:
+    def _plan(self) -> Plan:
         aborts, self._aborts = list(dict.fromkeys(self._aborts)), []
-        free = [s for s, owner in enumerate(self._slots) if owner is None or owner in aborts]
-        waiting = [(i, spec) for i, spec in self._waiting if i not in aborts]
-        admits = []
-        running = [i for i in self._requests if i not in aborts]
-        if self.policy == "continuous" or not running:
-            for (request_id, spec), slot in zip(waiting, free):
-                admits.append((request_id, slot, spec))
-        moves = []
-        if len(waiting) == len(admits):
-            # Nothing waits for the free slots: fill those below the highest one in use from the top, since a
-            # decode step computes a row for every slot up to the highest.
-            free = free[len(admits):]
-            used = sorted((self._requests[i].slot, i) for i in running)
-            while free and used and free[0] < used[-1][0]:
-                moves.append((used.pop()[1], free.pop(0)))
-        budget = self.prefill_chunk
-        chunks = []
-        prefilling = [self._requests[i] for i in running if not self._requests[i].decoding]
-        for request_id, need in [(r.id, len(r.spec.prompt) - r.fed) for r in prefilling] + \
-                [(i, len(spec.prompt)) for i, _, spec in admits]:
-            if budget == 0:
-                break
-            chunks.append((request_id, min(need, budget)))
-            budget -= chunks[-1][1]
-        return _Plan(aborts, admits, moves, chunks, self.closed)
+        return plan_step(aborts, list(self._waiting), self._requests, self._slots, self.policy == "continuous",
+                         self.prefill_chunk, self.closed)
 
-    def _share(self, plan: _Plan) -> _Plan:
+    def _share(self, plan: Plan) -> Plan:
         """Under model parallelism every rank takes rank 0's plan."""
         import torch.distributed as dist
 
@@ -289,7 +217,7 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(spec.sampling.seed)
         limit = min(spec.max_gen_len, self.max_seq_len - len(spec.prompt))
         decoder = IncrementalDecoder(self.tokenizer.decode, spec.sampling.stop)
-        request = _Running(request_id, spec, limit, decoder, generator, slot)
+        request = Running(request_id, spec, limit, decoder, generator, slot)
         self._requests[request_id] = request
         self._slots[slot] = request_id
         if spec.sampling.repetition_penalty != 1.0:
@@ -302,7 +230,7 @@ class Engine:
                 self._counts = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.int32, device=self.device)
             self._counts[slot] = 0
 
-    def _move(self, request: _Running, slot: int) -> None:
+    def _move(self, request: Running, slot: int) -> None:
         """Move a request to another (free) slot, with its cached keys and values and penalty state."""
         self.model.move_slot(request.slot, slot, request.fed + max(0, len(request.generated) - 1))
         for table in (self._seen, self._counts):
@@ -313,12 +241,12 @@ class Engine:
 
     # The model ---------------------------------------------------------------------------------------
 
-    def _forward(self, chunks: List[Tuple[int, int]], decoding: List[_Running]) -> Tuple[List[_Running], torch.Tensor]:
+    def _forward(self, chunks: List[Tuple[int, int]], decoding: List[Running]) -> Tuple[List[Running], torch.Tensor]:
         """Feed this step's prompt chunks (those of similar lengths together) and one token of each decoding
         request. Returns the requests that get a new token and their last-position logits (rows, vocab)."""
         fed = [(self._requests[i], n) for i, n in chunks]
         last = {}
-        for group in _feeding_groups(fed, self.model.cache_shape[1]):
+        for group in feeding_groups(fed, self.model.cache_shape[1]):
             last.update(zip((r.id for r, _ in group), self._feed(group)))
         rows = [r for r, _ in fed if r.decoding and r.limit > 0]
         logits = [last[r.id] for r in rows]
@@ -327,7 +255,7 @@ class Engine:
             rows += decoding
         return rows, torch.stack(logits) if logits else torch.empty(0)
 
-    def _feed(self, group: List[Tuple[_Running, int]]) -> List[torch.Tensor]:
+    def _feed(self, group: List[Tuple[Running, int]]) -> List[torch.Tensor]:
         """Write the prompt chunks of group (request, tokens) to the cache in one forward call, padded to the
         longest; each request's logits at its chunk's last token. The padding's keys and values land at
         positions its request writes before reading them."""
@@ -352,7 +280,7 @@ class Engine:
             request.fed += n
         return list(out[:, 0])
 
-    def _decode_step(self, decoding: List[_Running]) -> torch.Tensor:
+    def _decode_step(self, decoding: List[Running]) -> torch.Tensor:
         """One token for each decoding request, in a batch over slots 0..the highest one in use. A slot
         without a decoding request gets a stand-in row at the last cache position: written there
         before any real token is (a sequence writes a position before it reads it), never read."""
@@ -371,7 +299,7 @@ class Engine:
     def _eager_decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         return self.model.forward(tokens, positions, kv_len=kv_len)[:, -1]
 
-    def _score_prompt(self, request: _Running, start: int, logits: torch.Tensor) -> None:
+    def _score_prompt(self, request: Running, start: int, logits: torch.Tensor) -> None:
         """Position j's logits predict prompt token j + 1."""
         prompt = request.spec.prompt
         if start == 0:
@@ -381,7 +309,7 @@ class Engine:
             lps = -F.cross_entropy(logits[: len(targets)], torch.tensor(targets, device=logits.device), reduction="none")
             request.prompt_logprobs += lps.tolist()
 
-    def _sample(self, rows: List[_Running], logits: torch.Tensor) -> List[int]:
+    def _sample(self, rows: List[Running], logits: torch.Tensor) -> List[int]:
         if not rows:
             return []
         slots = torch.tensor([r.slot for r in rows], device=self.device)
@@ -396,7 +324,7 @@ class Engine:
 
     # Results -----------------------------------------------------------------------------------------
 
-    def _accept(self, request: _Running, token: int, logits: torch.Tensor) -> StepOutput:
+    def _accept(self, request: Running, token: int, logits: torch.Tensor) -> StepOutput:
         """Add a newly sampled token to request; retire it if it ends here."""
         if token == self.tokenizer.eos_id and not request.spec.ignore_eos:
             return self._finish(request, "eos")
@@ -425,7 +353,7 @@ class Engine:
         return StepOutput(request.id, [token], request.decoder.stable(text), request.logprobs[-1:],
                           request.top_logprobs[-1:])
 
-    def _finish(self, request: _Running, reason: str, error: Optional[BaseException] = None,
+    def _finish(self, request: Running, reason: str, error: Optional[BaseException] = None,
                 new_tokens: Sequence[int] = ()) -> StepOutput:
         del self._requests[request.id]
         self._slots[request.slot] = None

@@ -1,0 +1,98 @@
+"""Scheduling for the engine: what an admitted request holds, and each step's decisions.
+
+The decisions are a pure function of the queue and the slots (plan_step), taken on rank 0 and applied by
+every rank, so ranks under model parallelism never diverge.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from llama.request import RequestSpec
+from llama.streaming import IncrementalDecoder
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Running:
+    """An admitted request: its slot, the prompt tokens in the cache, what it has generated."""
+
+    id: int
+    spec: RequestSpec
+    limit: int  # tokens it may generate: max_gen_len, or fewer where the context ends first
+    decoder: IncrementalDecoder
+    generator: Optional[torch.Generator]
+    slot: int = -1
+    fed: int = 0  # prompt tokens already in the cache
+    generated: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: List[float] = field(default_factory=list)
+    text_end: Optional[int] = None  # with a stop string: where the text is cut
+
+    @property
+    def decoding(self) -> bool:
+        return self.fed == len(self.spec.prompt)
+
+
+def feeding_groups(chunks: List[Tuple[Running, int]], cache_len: int, waste: float = 1.25) -> List[List[Tuple[Running, int]]]:
+    """Prompt chunks (request, tokens) in groups fed by one forward call each: padded to the group's
+    longest, a group holds at most `waste` times the tokens of its chunks (one long forward beats many
+    short ones on every device). A request that scores its prompt goes alone (it needs every position's
+    logits), as does one whose padding would run past the cache's end."""
+    groups: List[List[Tuple[Running, int]]] = []
+    for request, n in sorted(chunks, key=lambda c: -c[1]):
+        group = groups[-1] if groups else None
+        if (group and not group[0][0].spec.prompt_logprobs and not request.spec.prompt_logprobs
+                and request.fed + group[0][1] <= cache_len
+                and (len(group) + 1) * group[0][1] <= waste * (sum(m for _, m in group) + n)):
+            group.append((request, n))
+        else:
+            groups.append([(request, n)])
+    return groups
+
+
+@dataclass
+class Plan:
+    """One step's decisions: aborted ids, admissions (id, slot, spec), moves (id, new slot), prompt chunks
+    (id, tokens), and whether rank 0 has closed the engine (the other ranks' follow() then returns)."""
+
+    aborts: List[int]
+    admits: List[Tuple[int, int, RequestSpec]]
+    moves: List[Tuple[int, int]]
+    chunks: List[Tuple[int, int]]
+    closed: bool = False
+
+
+def plan_step(aborts: List[int], waiting: List[Tuple[int, RequestSpec]], requests: Dict[int, Running],
+              slots: List[Optional[int]], continuous: bool, prefill_chunk: int, closed: bool) -> Plan:
+    """One step's decisions, from the queue (waiting, in arrival order), the admitted requests by id and the
+    request id in each slot: admit waiting requests into free slots (continuous: whenever one is free; else
+    only when every slot is), move requests down into free slots when nothing waits, and pick at most
+    prefill_chunk prompt tokens, the requests already reading their prompts first."""
+    free = [s for s, owner in enumerate(slots) if owner is None or owner in aborts]
+    waiting = [(i, spec) for i, spec in waiting if i not in aborts]
+    admits = []
+    running = [i for i in requests if i not in aborts]
+    if continuous or not running:
+        for (request_id, spec), slot in zip(waiting, free):
+            admits.append((request_id, slot, spec))
+    moves = []
+    if len(waiting) == len(admits):
+        # Nothing waits for the free slots: fill those below the highest one in use from the top, since a
+        # decode step computes a row for every slot up to the highest.
+        free = free[len(admits):]
+        used = sorted((requests[i].slot, i) for i in running)
+        while free and used and free[0] < used[-1][0]:
+            moves.append((used.pop()[1], free.pop(0)))
+    budget = prefill_chunk
+    chunks = []
+    prefilling = [requests[i] for i in running if not requests[i].decoding]
+    for request_id, need in [(r.id, len(r.spec.prompt) - r.fed) for r in prefilling] + \
+            [(i, len(spec.prompt)) for i, _, spec in admits]:
+        if budget == 0:
+            break
+        chunks.append((request_id, min(need, budget)))
+        budget -= chunks[-1][1]
+    return Plan(aborts, admits, moves, chunks, closed)
+
