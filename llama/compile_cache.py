@@ -4,8 +4,8 @@ torch.compile's work (tracing, freezing the weights into the graph, autotuning, 
 the process, and inductor's own caches refuse frozen graphs. Exported and compiled ahead of time instead, the
 step is a shared library with the frozen weights inside, written once under a key of everything it depends
 on (the weights' bytes, the architecture, dtype, cache shape, this library's model code, torch and the CPU);
-a later process with the same key loads it in seconds. The KV cache is not baked in: the loaded step is
-pointed at the model's own cache tensors, which it reads and writes in place.
+a later process with the same key loads it in seconds. The KV cache is not in it: the step takes the model's
+cache tensors as inputs and reads and writes them in place.
 
 LLAMA_COMPILE_CACHE names the directory (default ~/.cache/llama/compiled, under XDG_CACHE_HOME if set);
 "off" (or "0", or empty) compiles in-process every time. The packages least recently used are removed

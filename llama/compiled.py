@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import compile_cache
 from llama.distributed import model_parallel_world_size
-from llama.model import Transformer
+from llama.model import KVCache, Transformer
 from llama.quantized_linear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -43,20 +43,39 @@ def _float32_matmuls(model: Transformer) -> bool:
     return model.tok_embeddings.weight.dtype == torch.float32 and not quantized
 
 
+class _InputCache(KVCache):
+    """A KV cache whose tensors are the step's inputs (not buffers), so a package compiled from it holds none."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        torch.nn.Module.__init__(self)
+        self.k, self.v = k, v
+
+
 class _StepOverKeys(torch.nn.Module):
     """model.forward for one token per row, attending to key_slots.shape[0] cache positions: the attended
-    length comes in as the length of a tensor, the way a size can be marked dynamic."""
+    length comes in as the length of a tensor, the way a size can be marked dynamic. cache, when given, is
+    every layer's keys and values (k0, v0, k1, v1, ...), read and written in place instead of the model's
+    cache buffers: what the ahead-of-time package is exported with, so that it does not store the cache."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
         self.device_type = model.tok_embeddings.weight.device.type
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
-        # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
-        # flash kernel's per-call overhead at these sizes.
-        with sdpa_kernel(SDPBackend.MATH) if self.device_type == "cpu" else nullcontext():
-            return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor, *cache: torch.Tensor) -> torch.Tensor:
+        attentions = [layer.attention for layer in self.model.layers]
+        buffers = [attention.cache for attention in attentions]
+        try:
+            if cache:
+                for attention, k, v in zip(attentions, cache[0::2], cache[1::2]):
+                    attention.cache = _InputCache(k, v)
+            # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
+            # flash kernel's per-call overhead at these sizes.
+            with sdpa_kernel(SDPBackend.MATH) if self.device_type == "cpu" else nullcontext():
+                return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
+        finally:
+            for attention, buffer in zip(attentions, buffers):
+                attention.cache = buffer
 
 
 class CompiledDecodeStep:
@@ -86,7 +105,6 @@ class CompiledDecodeStep:
         self._package_dir = compile_cache.cache_dir() if single else None
         self._package: Optional[Callable] = None
         self._package_for: Optional[tuple] = None  # (cache shape, GEMM backends) the package was made for
-        self._bound_cache = None  # the KV cache the package reads and writes
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
         # Generation never needs all max_len positions: the token at the last one is generated, never fed
@@ -152,12 +170,12 @@ class CompiledDecodeStep:
                 logger.warning("compiling the decode step ahead of time failed (%s); compiling it in this process instead", error)
                 self._package_dir = None
             else:
-                return package(tokens, positions, key_slots)
+                return package(tokens, positions, key_slots, *self._cache_tensors())
         with self._inductor_options():
             return self._step(tokens, positions, key_slots)
 
     def _ahead_of_time(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> Callable:
-        """The package for this model, cache shape and GEMM backends, pointed at the model's current KV cache."""
+        """The package for this model, cache shape and GEMM backends; it takes the KV cache as inputs."""
         made_for = (self.model.cache_shape, self._gemm_backends)
         if self._package_for != made_for:
             slots, max_len = self.model.cache_shape
@@ -171,17 +189,22 @@ class CompiledDecodeStep:
                 rows = min(slots, ONEDNN_PACKED_ROWS)
                 tokens = tokens.new_zeros(rows, 1)
                 positions = positions.new_full((rows, 1), max_len - 1)
-            self._package = compile_cache.load_or_compile(
-                self._module, (tokens, positions, key_slots), (batch, batch, keys), self._cpu_configs(), path
-            )
-            self._package_for, self._bound_cache = made_for, None
-        cache = self.model.layers[0].attention.cache
-        if self._bound_cache is not cache:  # setup_cache() made new tensors: point the package at them
-            tensors = {f"model.layers.{i}.attention.cache.{name}": getattr(layer.attention.cache, name)
-                       for i, layer in enumerate(self.model.layers) for name in ("k", "v")}
-            missing = set(tensors) - set(self._package.get_constant_fqns())
-            if missing:  # it would read and write a cache of its own: wrong tokens, no error
-                raise RuntimeError(f"the compiled package has no constant {sorted(missing)[0]!r} to point at the KV cache")
-            self._package.load_constants(tensors, check_full_update=False, user_managed=True)
-            self._bound_cache = cache
+            cache = self._cache_tensors()
+            attentions = [layer.attention for layer in self.model.layers]
+            buffers = [attention.cache for attention in attentions]
+            try:
+                for attention in attentions:  # exported without its cache buffers: the inputs stand in for them
+                    attention.cache = None
+                self._package = compile_cache.load_or_compile(
+                    self._module, (tokens, positions, key_slots, *cache), (batch, batch, keys, (None,) * len(cache)),
+                    self._cpu_configs(), path
+                )
+            finally:
+                for attention, buffer in zip(attentions, buffers):
+                    attention.cache = buffer
+            self._package_for = made_for
         return self._package
+
+    def _cache_tensors(self) -> list:
+        """The model's current KV cache (setup_cache() may have made new tensors), as the package takes it."""
+        return [t for layer in self.model.layers for t in (layer.attention.cache.k, layer.attention.cache.v)]
