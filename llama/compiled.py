@@ -20,8 +20,8 @@ so only the first process on a machine pays for compiling; CUDA (CUDA graphs) an
 """
 
 import logging
-from contextlib import nullcontext
-from typing import Callable, Dict, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -51,6 +51,20 @@ class _InputCache(KVCache):
         self.k, self.v = k, v
 
 
+@contextmanager
+def _layer_caches(model: Transformer, caches: list) -> Iterator[None]:
+    """Each layer's attention.cache is caches[i] inside the block, and the model's own again after it."""
+    attentions = [layer.attention for layer in model.layers]
+    own = [attention.cache for attention in attentions]
+    try:
+        for attention, cache in zip(attentions, caches):
+            attention.cache = cache
+        yield
+    finally:
+        for attention, cache in zip(attentions, own):
+            attention.cache = cache
+
+
 class _StepOverKeys(torch.nn.Module):
     """model.forward for one token per row, attending to key_slots.shape[0] cache positions: the attended
     length comes in as the length of a tensor, the way a size can be marked dynamic. cache, when given, is
@@ -63,19 +77,12 @@ class _StepOverKeys(torch.nn.Module):
         self.device_type = model.tok_embeddings.weight.device.type
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor, *cache: torch.Tensor) -> torch.Tensor:
-        attentions = [layer.attention for layer in self.model.layers]
-        buffers = [attention.cache for attention in attentions]
-        try:
-            if cache:
-                for attention, k, v in zip(attentions, cache[0::2], cache[1::2]):
-                    attention.cache = _InputCache(k, v)
-            # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
-            # flash kernel's per-call overhead at these sizes.
-            with sdpa_kernel(SDPBackend.MATH) if self.device_type == "cpu" else nullcontext():
-                return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
-        finally:
-            for attention, buffer in zip(attentions, buffers):
-                attention.cache = buffer
+        inputs = [_InputCache(k, v) for k, v in zip(cache[0::2], cache[1::2])]
+        # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
+        # flash kernel's per-call overhead at these sizes.
+        with _layer_caches(self.model, inputs) if cache else nullcontext(), \
+                sdpa_kernel(SDPBackend.MATH) if self.device_type == "cpu" else nullcontext():
+            return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
 
 
 class CompiledDecodeStep:
@@ -190,18 +197,12 @@ class CompiledDecodeStep:
                 tokens = tokens.new_zeros(rows, 1)
                 positions = positions.new_full((rows, 1), max_len - 1)
             cache = self._cache_tensors()
-            attentions = [layer.attention for layer in self.model.layers]
-            buffers = [attention.cache for attention in attentions]
-            try:
-                for attention in attentions:  # exported without its cache buffers: the inputs stand in for them
-                    attention.cache = None
+            # Exported without its cache buffers: the inputs stand in for them.
+            with _layer_caches(self.model, [None] * len(self.model.layers)):
                 self._package = compile_cache.load_or_compile(
                     self._module, (tokens, positions, key_slots, *cache), (batch, batch, keys, (None,) * len(cache)),
                     self._cpu_configs(), path
                 )
-            finally:
-                for attention, buffer in zip(attentions, buffers):
-                    attention.cache = buffer
             self._package_for = made_for
         return self._package
 
