@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -41,7 +41,7 @@ from llama.bench_serving import GREEDY, Request, Trace, make_workload, summarize
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
-from llama.measure import check_output_path, device_name, report, tokens_equal_share
+from llama.measure import check_output_path, cpu_split, device_name, report, thread_cpu_s, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
 
 
@@ -215,28 +215,6 @@ class InProcessServer:
         self.loop.run()
 
 
-def thread_cpu_s() -> Dict[int, float]:
-    """CPU seconds (user + system) of each thread of this process, by native id: Linux's /proc; {} elsewhere."""
-    ticks, out = os.sysconf("SC_CLK_TCK"), {}
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
-    except (OSError, ValueError, IndexError):
-        return {}
-    return out
-
-
-def _cpu_split(before: Dict[int, float], after: Dict[int, float], named: Dict[str, int]) -> Optional[dict]:
-    """CPU seconds between two thread_cpu_s() readings: of the named threads, and of all the others."""
-    if not after:
-        return None
-    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-    split = {name: used.pop(tid, 0.0) for name, tid in named.items()}
-    return {**split, "other_threads": sum(used.values())}
-
-
 # The benchmark -----------------------------------------------------------------------------------------
 
 
@@ -301,7 +279,7 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
         steps, busy, cpu = engine.steps, engine.busy_s, thread_cpu_s()
         result = go()
         return result, {"engine_steps": engine.steps - steps, "engine_busy_s": engine.busy_s - busy,
-                        "cpu_s": _cpu_split(cpu, thread_cpu_s(), threads)}
+                        "cpu_s": cpu_split(cpu, thread_cpu_s(), threads)}
 
     best: dict = {}
     try:

@@ -1,5 +1,5 @@
 """Measuring helpers for the benchmarks: timing with the device synchronised, peak memory, the device's
-copy bandwidth, percentiles, and the device's name.
+copy bandwidth, percentiles, CPU time (of other processes, of this one's threads), and the device's name.
 
 Under torchrun the timed calls start together on every rank (a barrier before each) and reduce()
 combines a figure over the ranks; in a single process both do nothing.
@@ -112,6 +112,28 @@ class OtherLoad:
         if self.start is None or end is None:
             return None
         return max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
+
+
+def thread_cpu_s() -> Dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native id: Linux's /proc; {} elsewhere."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def cpu_split(before: Dict[int, float], after: Dict[int, float], named: Dict[str, int]) -> Optional[dict]:
+    """CPU seconds between two thread_cpu_s() readings: of the named threads, and of all the others."""
+    if not after:
+        return None
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    split = {name: used.pop(tid, 0.0) for name, tid in named.items()}
+    return {**split, "other_threads": sum(used.values())}
 
 
 # --- what a run reads and how close its tokens are ----------------------------------------------
