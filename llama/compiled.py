@@ -2,8 +2,8 @@
 
 CUDA: mode="reduce-overhead", so a step replays as one CUDA graph with no per-kernel launch cost.
 CPU: inductor with freezing: the weights become constants of the graph, prepacked for the matmul kernel
-that is fastest at the row counts of decoding. For float32 weights that is oneDNN's, packed for a batch
-of 8 rows; for bfloat16/float16 (AMX) and the quantized layers it is inductor's C++ GEMM template
+that is fastest at the row counts of decoding. For float32 weights on AVX-512 CPUs that is oneDNN's, packed
+for a batch of 8 rows; elsewhere, for bfloat16/float16 (AMX) and the quantized layers it is inductor's C++ GEMM template
 (max-autotune), asked for alone, since autotuning times the choices with every weight hot in cache, not
 as decoding reads them; for matmuls the template cannot do (int4 weights on CPUs without AVX-512, for
 one) the step is compiled again with torch's own kernels as well. README's benchmark tables compare them.
@@ -37,10 +37,13 @@ logger = logging.getLogger(__name__)
 ONEDNN_PACKED_ROWS = 8  # float32 on CPU: oneDNN's prepacked weights suit 1 to 32 rows best packed for 8
 
 
-def _float32_matmuls(model: Transformer) -> bool:
-    """Whether the model's matmuls are all in float32 (a float32 model with no quantized layers)."""
+def _onednn_matmuls(model: Transformer) -> bool:
+    """Whether the CPU step's matmuls go to oneDNN rather than inductor's C++ template: for a float32 model with no
+    quantized layers, on a CPU with AVX-512. Measured on the 134M step (README), oneDNN was the faster at 8 rows and
+    up on an AVX-512 Xeon, and the template 1.4 to 1.8 times faster at every row count on an AVX2-only EPYC."""
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-    return model.tok_embeddings.weight.dtype == torch.float32 and not quantized
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return model.tok_embeddings.weight.dtype == torch.float32 and not quantized and avx512
 
 
 class _InputCache(KVCache):
@@ -105,7 +108,7 @@ class CompiledDecodeStep:
         self.kv_bucket = self.kv_bucket or (32 if self.device.type == "cpu" else 256)
         self._step: Callable = torch.compile(self._module.forward, mode="reduce-overhead" if self.device.type == "cuda" else None)
         # On CPU: "CPP" (the template), widened to "CPP,ATEN" when it cannot do every matmul; "" for oneDNN's.
-        self._gemm_backends = "" if _float32_matmuls(model) else "CPP"
+        self._gemm_backends = "" if _onednn_matmuls(model) else "CPP"
         self._key_slots: Dict[int, torch.Tensor] = {}
         # Ahead of time, kept on disk: CPU in one process only (see the module docstring).
         single = self.device.type == "cpu" and model_parallel_world_size() == 1

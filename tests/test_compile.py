@@ -102,11 +102,15 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
     assert step._gemm_backends == ("CPP" if template_can else "CPP,ATEN")
 
 
-def test_float32_step_on_cpu_uses_onednn_kernels(tiny_checkpoints, tiny_tokenizer_path):
-    """A float32 model's matmuls go to oneDNN (no template, no autotuning), bfloat16's and quantized ones' to the template."""
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_cpu_step_kernels_by_dtype_and_cpu(monkeypatch, capability, tiny_checkpoints, tiny_tokenizer_path):
+    """On AVX-512, a float32 model's matmuls go to oneDNN (no template, no autotuning); bfloat16's and quantized ones',
+    and every model's on a CPU without AVX-512, to the template."""
     from llama.compiled import CompiledDecodeStep
 
-    for dtype, quantize, backends in (("float32", None, ""), ("bfloat16", None, "CPP"), ("float32", "int8", "CPP")):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    float32 = "" if capability == "AVX512" else "CPP"
+    for dtype, quantize, backends in (("float32", None, float32), ("bfloat16", None, "CPP"), ("float32", "int8", "CPP")):
         g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", dtype=dtype, quantize=quantize)
         step = CompiledDecodeStep(g.model)
         assert step._gemm_backends == backends and ("max_autotune" in step._cpu_configs()) == bool(backends)
