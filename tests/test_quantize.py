@@ -149,8 +149,9 @@ def test_quantized_model_is_close_to_float(tiny_checkpoints, tiny_tokenizer_path
     attention, feed_forward = generator.model.layers[0].attention, generator.model.layers[0].feed_forward
     for layer in (attention.wq, attention.wk, attention.wv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3):
         assert isinstance(layer, QuantizedLinear) and layer.scheme.name == quantize
-    # Embeddings, output layer and norms stay float.
-    assert isinstance(generator.model.output, nn.Linear) and generator.model.output.weight.dtype == torch.float32
+    # The output layer is int8 under every scheme; embeddings and norms stay float.
+    assert isinstance(generator.model.output, QuantizedLinear) and generator.model.output.scheme.name == "int8"
+    assert generator.model.norm.weight.dtype == torch.float32
     assert generator.model.tok_embeddings.weight.dtype == torch.float32
     logits = generator.model(TOKENS, 0)
     scale = reference.abs().max()
@@ -172,7 +173,8 @@ def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quanti
     assert info["quantize"] == quantize and info["shards"] == 1 and info["dtype"] == "float32"
     state = torch.load(out / "quantized.00.pt", weights_only=True)
     assert state["layers.0.attention.wq.qweight"].dtype == (torch.int8 if quantize == "int8" else torch.uint8)
-    assert state["output.weight"].dtype == torch.float32
+    assert state["output.qweight"].dtype == torch.int8 and "output.weight" not in state
+    assert info["version"] == 2 and info["output_quantize"] == "int8" and "output" in info["quantized_layers"]
 
     with pytest.raises(CheckpointError, match="cannot be resharded or converted"):
         reshard(str(out), str(tmp_path / "resharded"), shards=1)
@@ -193,6 +195,28 @@ def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quanti
     (resharded / "quantization.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid quantization description"):
         build(resharded, tiny_tokenizer_path)
+
+
+def test_version_1_directory_loads_with_its_float_output_layer(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
+    """Directories written before the output layer was quantized (version 1) load as they were: output float."""
+    generator = build(tiny_checkpoints[(2, 1)], tiny_tokenizer_path, quantize="int8")
+    out = save_quantized(generator, tmp_path / "q")
+    info = json.loads((out / "quantization.json").read_text())
+    state = torch.load(out / "quantized.00.pt", weights_only=True)
+    float_output = dequantize_int8(state.pop("output.qweight"), state.pop("output.scales")).float()
+    torch.save({**state, "output.weight": float_output}, out / "quantized.00.pt")
+    info = {**info, "version": 1, "quantized_layers": info["quantized_layers"][:-1]}
+    del info["output_quantize"]
+    (out / "quantization.json").write_text(json.dumps(info))
+
+    reloaded = build(out, tiny_tokenizer_path)
+    assert isinstance(reloaded.model.output, nn.Linear) and torch.equal(reloaded.model.output.weight, float_output)
+    assert isinstance(reloaded.model.layers[0].attention.wq, QuantizedLinear)
+    # Only the output layer differs from the version 2 model: its input and output rounded to bfloat16.
+    torch.testing.assert_close(reloaded.model(TOKENS, 0), generator.model(TOKENS, 0), rtol=0.02, atol=0.05)
+    (out / "quantization.json").write_text(json.dumps({**info, "version": 3}))
+    with pytest.raises(CheckpointError, match="not a version 1 or 2 .* upgrade it"):
+        build(out, tiny_tokenizer_path)
 
 
 def test_quantized_shard_not_matching_the_model(tmp_path, tiny_checkpoints, tiny_tokenizer_path):
