@@ -241,7 +241,7 @@ def to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_gb: float =
         dtype: float32, float16 or bfloat16 to cast the weights to; by default they keep their dtype.
         max_shard_gb: The largest safetensors file to write, in GB; larger models are split over several.
     """
-    from llama.hf import save_hf
+    from llama.hf_write import save_hf
 
     reader, params = open_checkpoint(Path(src))
     params = _resolve_vocab(reader, params)

@@ -1,5 +1,5 @@
 """Hugging Face Llama directories (config.json + *.safetensors or pytorch_model*.bin), read as Meta
-checkpoints and written from Meta state dicts.
+checkpoints; the name map and row order that llama/hf_write.py writes them with too.
 
 The two layouts hold the same numbers under other names, except for the query and key projections:
 Hugging Face's rotary embedding rotates the two halves of each head ("rotate half") where Meta's
@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as Hugging Face's save_pretrained
 
 # Hugging Face name patterns (the "model." prefix of LlamaForCausalLM may be absent, as in LlamaModel's
 # own state dict) and the Meta names they become.
@@ -71,7 +70,7 @@ def meta_to_hf_name(name: str) -> str:
     return f"model.layers.{m.group(1)}.{_META_LAYER_NAMES[m.group(2)]}.weight"
 
 
-def _rotary_kind(meta_name: str) -> Optional[str]:
+def rotary_kind(meta_name: str) -> Optional[str]:
     """'wq' or 'wk' for the weights whose rows Hugging Face reorders per head, else None."""
     kind = meta_name.split(".")[-2] if meta_name.startswith("layers.") else None
     return kind if kind in ("wq", "wk") else None
@@ -308,7 +307,7 @@ class HFCheckpoint:
 
     def read(self, key: str, dim: Optional[int], start: int, stop: int) -> torch.Tensor:
         file, name = self._source(key)
-        if _rotary_kind(key) is None:
+        if rotary_kind(key) is None:
             return self._read_raw(file, name, dim, start, stop)
         hd = self.head_dim
         rows = self.shape(key)[0]
@@ -320,121 +319,3 @@ class HFCheckpoint:
         lo, hi = (start // hd) * hd, -(-stop // hd) * hd
         heads = hf_rows_to_meta(self._read_raw(file, name, 0, lo, hi), hd)
         return heads if (lo, hi) == (start, stop) else heads[start - lo : stop - lo]
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-
-def config_from_params(params: dict, vocab_size: int, dtype: torch.dtype, max_position_embeddings: int = 4096) -> dict:
-    """A Hugging Face LlamaForCausalLM config.json for params.json's hyperparameters."""
-    known = {f for f in ModelArgs.__dataclass_fields__} - {"max_batch_size", "max_seq_len"}
-    args = ModelArgs(**{k: v for k, v in params.items() if k in known})
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": None,
-        "max_position_embeddings": max_position_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def _hf_order(key: str) -> Tuple:
-    """Sort key: embeddings, then layer by layer, then the final norm and the output (as HF writes them)."""
-    m = re.match(r"^layers\.(\d+)\.", key)
-    if m:
-        return (1, int(m.group(1)), key)
-    return (0 if key == "tok_embeddings.weight" else 2, 0, key)
-
-
-def save_hf(
-    state: Dict[str, torch.Tensor],
-    params: dict,
-    out_dir: Union[str, Path],
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    *,
-    max_position_embeddings: int = 4096,
-) -> Path:
-    """Write whole Meta-named tensors and params.json's hyperparameters as a Hugging Face Llama directory.
-
-    Writes config.json and model.safetensors, or model-0000N-of-0000M.safetensors with
-    model.safetensors.index.json when the weights exceed max_shard_bytes. wq and wk rows are put in
-    Hugging Face's per-head order; everything else is written as it is (same dtype, same bits).
-    A vocab_size of -1 in params is taken from the embedding.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    if "tok_embeddings.weight" not in state:
-        raise ValueError("state has no tok_embeddings.weight")
-    vocab_size = params.get("vocab_size", -1)
-    embed_rows = state["tok_embeddings.weight"].shape[0]
-    if vocab_size in (-1, None):
-        vocab_size = embed_rows
-    elif vocab_size != embed_rows:
-        raise ValueError(f"params vocab_size={vocab_size} but tok_embeddings.weight has {embed_rows} rows")
-    dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) != 1:
-        raise ValueError(f"state mixes dtypes {sorted(map(str, dtypes))}; convert it to one dtype first")
-    config = config_from_params(params, vocab_size, dtypes.pop(), max_position_embeddings)
-    params_from_config(config, "the config to write")  # refuses what a Llama config cannot express
-    head_dim = config["head_dim"]
-
-    keys = sorted(state, key=_hf_order)
-    hf_names = {key: meta_to_hf_name(key) for key in keys}  # refuses unknown names before writing anything
-    for key in keys:
-        if _rotary_kind(key) is not None and state[key].shape[0] % head_dim:
-            raise ValueError(f"{key} has {state[key].shape[0]} rows, not whole heads of {head_dim}")
-
-    def nbytes(key: str) -> int:
-        return state[key].numel() * state[key].element_size()
-
-    shards: List[List[str]] = [[]]
-    size = 0
-    for key in keys:
-        if shards[-1] and size + nbytes(key) > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes(key)
-
-    def stored(key: str) -> torch.Tensor:
-        """The tensor as Hugging Face stores it: its own contiguous CPU copy (safetensors refuses shared memory)."""
-        t = state[key].detach().cpu()
-        return meta_rows_to_hf(t, head_dim).contiguous() if _rotary_kind(key) else t.contiguous().clone()
-
-    out.mkdir(parents=True, exist_ok=True)
-    # Weight files of an earlier conversion into this directory would be read with (or instead of) these.
-    for stale in [out / SAFETENSORS_INDEX, out / "model.safetensors", *out.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    names = (
-        ["model.safetensors"] if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for file, shard in zip(names, shards):  # one shard's copies in memory at a time
-        save_file({hf_names[key]: stored(key) for key in shard}, str(out / file), metadata={"format": "pt"})
-        weight_map.update({hf_names[key]: file for key in shard})
-    if len(shards) > 1:
-        total = sum(nbytes(key) for key in keys)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out

@@ -12,7 +12,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from llama.hf import config_from_params, meta_rows_to_hf, meta_to_hf_name
+from llama.hf import meta_rows_to_hf, meta_to_hf_name
+from llama.hf_write import config_from_params
 from llama.model import Transformer
 
 PAD_ID = 0  # transformers needs a pad id for a padded batch; padded positions are masked out

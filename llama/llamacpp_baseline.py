@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from llama.hf import save_hf
+from llama.hf_write import save_hf
 from llama.quantized_linear import QuantScheme
 from llama.random_model import SHAPES
 

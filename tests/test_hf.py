@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from llama.checkpoint import CheckpointError, MetaCheckpoint, rank_slices
 from llama.generation import Llama
-from llama.hf import HFCheckpoint, meta_to_hf_name, params_from_config, resolve_tokenizer_path, save_hf
+from llama.hf import HFCheckpoint, meta_to_hf_name, params_from_config, resolve_tokenizer_path
+from llama.hf_write import save_hf
 from llama.loading import open_checkpoint
 from llama.model import ModelArgs, apply_rope, rope_table
 from tests.checkpoints import random_state_dict, tiny_params
