@@ -2,11 +2,12 @@
 
 CUDA: mode="reduce-overhead", so a step replays as one CUDA graph with no per-kernel launch cost.
 CPU: inductor with freezing: the weights become constants of the graph, prepacked for the matmul kernel
-that is fastest at the row counts of decoding. For float32 weights on AVX-512 CPUs that is oneDNN's, packed
-for a batch of 8 rows; elsewhere, for bfloat16/float16 (AMX) and the quantized layers it is inductor's C++ GEMM template
-(max-autotune), asked for alone, since autotuning times the choices with every weight hot in cache, not
-as decoding reads them; for matmuls the template cannot do (int4 weights on CPUs without AVX-512, for
-one) the step is compiled again with torch's own kernels as well. README's benchmark tables compare them.
+that is fastest at the row counts of decoding. For float32 weights on AVX-512 CPUs that is oneDNN's,
+packed for a batch of 8 rows; for float32 on other CPUs, bfloat16/float16 (AMX) and the quantized layers it
+is inductor's C++ GEMM template (max-autotune), asked for alone, since autotuning times the choices with
+every weight hot in cache, not as decoding reads them; for matmuls the template cannot do (int4 weights on
+CPUs without AVX-512, for one) the step is compiled again with torch's own kernels as well. README's
+benchmark tables compare them.
 
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not
@@ -39,8 +40,8 @@ ONEDNN_PACKED_ROWS = 8  # float32 on CPU: oneDNN's prepacked weights suit 1 to 3
 
 def _onednn_matmuls(model: Transformer) -> bool:
     """Whether the CPU step's matmuls go to oneDNN rather than inductor's C++ template: for a float32 model with no
-    quantized layers, on a CPU with AVX-512. Measured on the 134M step (README), oneDNN was the faster at 8 rows and
-    up on an AVX-512 Xeon, and the template 1.4 to 1.8 times faster at every row count on an AVX2-only EPYC."""
+    quantized layers, on a CPU with AVX-512, where oneDNN was the faster; on AVX2-only CPUs the template was
+    (README's side-by-side step times for both)."""
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return model.tok_embeddings.weight.dtype == torch.float32 and not quantized and avx512
