@@ -81,6 +81,7 @@ def load_or_compile(
     logger.info("compiling the decode step ahead of time; it is kept in %s for the next process", path.parent)
     with torch.no_grad():
         exported = torch.export.export(module, example_inputs, dynamic_shapes=tuple(dynamic_shapes), strict=False)
+    _drop_metadata_asserts(exported)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
     os.close(fd)
@@ -95,6 +96,17 @@ def load_or_compile(
             os.remove(tmp)
     evict(path.parent, keep=path)
     return _load(path)
+
+
+def _drop_metadata_asserts(exported: torch.export.ExportedProgram) -> None:
+    """Remove the dtype/device assertions export puts after every .to(): as a second user of a matmul's result
+    such an assertion keeps inductor's freezing patterns (w8a8's torch._int_mm -> oneDNN's prepacked int8 linear)
+    from matching, and the tensors they check are the graph's own, whose dtypes cannot change."""
+    graph = exported.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+    exported.graph_module.recompile()
 
 
 def _load(path: Path) -> Callable:

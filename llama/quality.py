@@ -16,7 +16,7 @@ import torch
 from llama.measure import agreement
 from llama.perplexity import negative_log_likelihoods
 
-PRECISIONS = ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")
+PRECISIONS = ("float32", "bfloat16", "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128")
 
 
 def prompts_from(tokens: List[int], count: int, length: int) -> List[List[int]]:
@@ -84,7 +84,7 @@ def main(text: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str
         ckpt_dir: The checkpoint folder (Meta's or Hugging Face's layout). Give it with --tokenizer_path, or neither
             for the bundled demo model.
         tokenizer_path: The tokenizer.model file (or the folder holding it).
-        precisions: Comma-separated precisions to compare, float32 first: float32, bfloat16, int8, int4-g32,
+        precisions: Comma-separated precisions to compare, float32 first: float32, bfloat16, int8, w8a8, int4-g32,
             int4-g64, int4-g128.
         prompts: How many greedy continuations are compared.
         gen_len: Tokens generated for each continuation.

@@ -1,25 +1,32 @@
-"""Weight-only quantization of the transformer's linear layers, run by PyTorch's own kernels.
+"""Quantization of the transformer's linear layers, run by PyTorch's own kernels.
 
 Schemes (the ``quantize`` argument of ``Llama.build``):
 
-- ``"int8"``: one symmetric scale per output channel; q = round(w / s) in [-127, 127] with
+- ``"int8"``: weight-only, one symmetric scale per output channel; q = round(w / s) in [-127, 127] with
   s = max|w_row| / 127, and w ~= q * s. Matmul: ``torch.ops.aten._weight_int8pack_mm``.
+- ``"w8a8"`` (CPU only): the same int8 weights, and each row of a layer's input (each token) quantized
+  to int8 as it arrives, with its own scale max|x_row| / 127; the integer products are summed exactly
+  (``torch._int_mm``, oneDNN's int8 kernels) and scaled in float32 (see
+  ``quantized_linear.int8_dynamic_matmul``). This is what llama.cpp's q8_0 does on CPU (there with a
+  scale per 32 values): on CPUs with VNNI or AMX it decodes and reads prompts faster than int8, at the
+  cost of the activations' rounding. torch's int8 matmul on CUDA needs more than 16 rows, so a decode
+  step could not use it there.
 - ``"int4"`` (= ``"int4-g128"``), ``"int4-g32"``, ``"int4-g64"``, ``"int4-g256"``: groups of that many
   consecutive input features per output channel, each with its own scale and zero (asymmetric,
   min/max): q in [0, 15] with w ~= (q - 8) * scale + zero, the layout of torch's int4 kernels.
   Matmul: ``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA (bfloat16 only).
 
-On CPU the quantized matmuls compute in bfloat16 whatever the model's dtype: torch's CPU int8 and int4
+On CPU the weight-only matmuls compute in bfloat16 whatever the model's dtype: torch's CPU int8 and int4
 kernels are vectorized only for bfloat16 inputs (their float32 and float16 paths run scalar code, 15 to
-130 times slower, slower than not quantizing at all). So on CPU a quantized layer rounds its input to
+130 times slower, slower than not quantizing at all). So on CPU such a layer rounds its input to
 bfloat16, accumulates in float32 and returns its bfloat16 result in the model's dtype, and its scales are
 bfloat16 (the weights are rounded against those scales, so this adds no weight error). Everything else
-of a float32 model (norms, attention, KV cache, residual stream, output layer) stays float32. Elsewhere
-the matmul runs in the model's dtype.
+of a float32 model (norms, attention, KV cache, residual stream) stays float32. Elsewhere the matmul runs
+in the model's dtype. w8a8's scales are float32 on every model dtype.
 
 The attention and feed-forward projections (wq, wk, wv, wo, w1, w2, w3) are quantized with the
-scheme, and the output layer with int8 under every scheme (as llama.cpp's q8_0 and q4_0 files keep
-it at 8 and 6 bits, and as gpt-fast's int8 does): it is 98 MB of a 134M model's float32 step and
+scheme, and the output layer with int8 under int4 (w8a8 under w8a8), as llama.cpp's q8_0 and q4_0
+files keep it at 8 and 6 bits, and as gpt-fast's int8 does: it is 98 MB of a 134M model's float32 step and
 50 of its int8 step, while int4 would cost the logits more accuracy. The token embeddings (a step
 reads one row) and the norms stay in the model's float dtype. Each element's error is at most half
 its scale.
@@ -27,7 +34,7 @@ its scale.
 Under model parallelism every rank quantizes its own slice. Column-parallel slices (wq, wk, wv,
 w1, w3) are whole output channels, so their quantization is the same as the unsplit layer's.
 Row-parallel slices (wo, w2) split the input features: int8 then takes each channel's scale over
-the rank's slice only (results differ slightly from one process), while int4 groups never straddle
+the rank's slice only, w8a8 each token's scale too (results differ slightly from one process), while int4 groups never straddle
 a slice boundary (in_features per rank must be a multiple of the group size), so int4 quantizes
 identically on any number of ranks.
 
@@ -63,7 +70,7 @@ from llama.quantized_linear import (  # noqa: F401 (the layer and its weight mat
 )
 
 QUANTIZED_LAYERS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # quantized with the scheme asked for
-OUTPUT_LAYER, OUTPUT_SCHEME = "output", QuantScheme(8)  # the output layer: int8 under every scheme
+OUTPUT_LAYER, OUTPUT_SCHEME = "output", QuantScheme(8)  # the output layer under int4 (layer_scheme)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP_SIZE = 128
 QUANTIZATION_FILE = "quantization.json"
@@ -72,14 +79,16 @@ FORMAT_VERSION = 2  # 1: the output layer float; 2: it is int8 (quantization.jso
 
 
 def parse_quantize(value: Optional[Union[str, QuantScheme]]) -> Optional[QuantScheme]:
-    """None (no quantization), "int8", "int4" (group 128) or "int4-gN" with N in 32, 64, 128, 256."""
+    """None (no quantization), "int8", "w8a8", "int4" (group 128) or "int4-gN" with N in 32, 64, 128, 256."""
     if value is None or isinstance(value, QuantScheme):
         return value
-    allowed = "None, 'int8', 'int4' (group size 128) or 'int4-g32', 'int4-g64', 'int4-g128', 'int4-g256'"
+    allowed = "None, 'int8', 'w8a8', 'int4' (group size 128) or 'int4-g32', 'int4-g64', 'int4-g128', 'int4-g256'"
     if not isinstance(value, str):
         raise ValueError(f"quantize must be {allowed}; got {value!r}")
     if value == "int8":
         return QuantScheme(8)
+    if value == "w8a8":
+        return QuantScheme(8, activations=8)
     if value == "int4":
         return QuantScheme(4, DEFAULT_INT4_GROUP_SIZE)
     match = re.fullmatch(r"int4-g(\d+)", value)
@@ -94,6 +103,8 @@ def _has_kernel(op: str, device: torch.device) -> bool:
 
 
 def _ops(scheme: QuantScheme, device: torch.device) -> Tuple[str, ...]:
+    if scheme.activations:
+        return ("_int_mm",)
     if scheme.bits == 8:
         return ("_weight_int8pack_mm",)
     if device.type == "cpu":
@@ -106,7 +117,10 @@ def check_support(scheme: QuantScheme, device: torch.device, dtype: torch.dtype)
     for device and dtype."""
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"quantize={scheme.name!r} runs on CPU and CUDA only, not {device.type!r}")
-    ops = dict.fromkeys(_ops(scheme, device) + _ops(OUTPUT_SCHEME, device))
+    if scheme.activations and device.type != "cpu":
+        raise ValueError(f"quantize={scheme.name!r} runs on CPU only (torch's int8 matmul on {device.type} needs more "
+                         f"than 16 rows, and a decode step has fewer); use quantize='int8' there")
+    ops = dict.fromkeys(_ops(scheme, device) + _ops(layer_scheme(OUTPUT_LAYER, scheme), device))
     missing = [op for op in ops if not _has_kernel(op, device)]
     if missing:
         raise ValueError(
@@ -128,8 +142,9 @@ def quantizable(model: nn.Module, output: bool = True) -> Dict[str, nn.Module]:
 
 
 def layer_scheme(name: str, scheme: QuantScheme) -> QuantScheme:
-    """The scheme the layer called name is quantized with when the model's is scheme."""
-    return OUTPUT_SCHEME if name == OUTPUT_LAYER else scheme
+    """The scheme the layer called name is quantized with when the model's is scheme: the output layer is 8-bit
+    under every scheme (OUTPUT_SCHEME under int4)."""
+    return OUTPUT_SCHEME if name == OUTPUT_LAYER and scheme.bits != 8 else scheme
 
 
 def _local_shape(layer: nn.Module) -> Tuple[int, int]:
@@ -262,8 +277,9 @@ def stored_quantization(ckpt_dir: Union[str, Path]) -> Optional[dict]:
                                   f"(a newer version is written by a newer llama: upgrade it)")
         info["scheme"] = parse_quantize(info["quantize"])
         output = info.get("output_quantize") if info["version"] >= 2 else None
-        if output not in (None, OUTPUT_SCHEME.name):
-            raise CheckpointError(f"{str(path)!r}: output_quantize={output!r} must be {OUTPUT_SCHEME.name!r} or null")
+        expected = layer_scheme(OUTPUT_LAYER, info["scheme"]).name
+        if output not in (None, expected):
+            raise CheckpointError(f"{str(path)!r}: output_quantize={output!r} must be {expected!r} or null")
         info["output_quantized"] = output is not None
         if not isinstance(info["shards"], int) or info["shards"] < 1:
             raise CheckpointError(f"{str(path)!r}: shards={info['shards']!r} must be a positive integer")
@@ -309,7 +325,7 @@ def stored_plan(model: nn.Module, ckpt_dir: Path, stored: dict, rank: int, devic
 class _LoadStored(LoadHook):
     """Builds each QuantizedLinear from its stored parts (qweight and its scales) once both are read.
     Float tensors (the output layer's too when output_quantized is False) are left to load_weights (cast
-    to dtype), scales are cast to matmul_dtype(device, dtype)."""
+    to dtype), scales are cast to matmul_dtype(device, dtype, scheme)."""
 
     description = "Loading quantized weights"
 

@@ -1,5 +1,5 @@
 """QuantizedLinear: a bias-free linear layer with an int8 or int4 weight, run by torch's own kernels,
-and the weight math behind it (quantizing one matrix, torch's int4 packing and its inverse).
+and the math behind it (quantizing one matrix or a batch of activations, torch's int4 packing and its inverse).
 See llama/quantize.py for the schemes and for quantizing whole models."""
 
 import math
@@ -19,14 +19,20 @@ _INT4_INNER_K_TILES = (8, 4, 2)  # CUDA packing: the largest that divides in_fea
 class QuantScheme:
     bits: int  # 8 or 4
     group_size: Optional[int] = None  # int4 only: input features per scale/zero group
+    activations: Optional[int] = None  # 8: each row of the input is quantized to int8 too (w8a8)
 
     @property
     def name(self) -> str:
+        if self.activations:
+            return "w8a8"
         return "int8" if self.bits == 8 else f"int4-g{self.group_size}"
 
 
-def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the quantized matmuls of a model in dtype compute in on device (bfloat16 on CPU: see llama/quantize.py)."""
+def matmul_dtype(device: torch.device, dtype: torch.dtype, scheme: Optional[QuantScheme] = None) -> torch.dtype:
+    """The dtype the quantized matmuls of a model in dtype compute in on device, that of their scales: float32
+    for w8a8 (integer products, scaled in float32), else bfloat16 on CPU (see llama/quantize.py) or dtype."""
+    if scheme is not None and scheme.activations:
+        return torch.float32
     return torch.bfloat16 if device.type == "cpu" else dtype
 
 
@@ -72,6 +78,24 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
     """The weight q (int values 0..15, (out, in)) stands for, in float64 (a reference for tests)."""
     sz = scales_and_zeros.double().transpose(0, 1).repeat_interleave(group_size, dim=1)  # (out, in, 2)
     return (q.double() - 8) * sz[..., 0] + sz[..., 1]
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (rows, in), scales (rows, 1) float32) with x ~= q * scales: one symmetric scale per row of x
+    (per token), s = max|x_row| / 127, so each element is off by at most s / 2."""
+    x = x.float()
+    scales = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / scales).clamp_(-127, 127).to(torch.int8), scales
+
+
+def int8_dynamic_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) times the int8 weight q (out, in) with per-channel scales (out,), both operands in int8:
+    x is quantized per row (quantize_rows), torch._int_mm sums the integer products exactly in int32, and
+    the result is scaled by both scales in float32. On CPU, torch runs _int_mm with oneDNN's int8 kernels
+    (VNNI/AMX where the CPU has them), and inductor's freezing passes turn this very pattern into its
+    prepacked int8 GEMM, which is why it is written as it is."""
+    xq, x_scales = quantize_rows(x)
+    return torch._int_mm(xq, q.t()).float() * x_scales * scales
 
 
 def _inner_k_tiles(in_features: int) -> int:
@@ -124,7 +148,8 @@ class QuantizedLinear(nn.Module):
     fairscale's Column/RowParallelLinear: ``parallel`` "column" and "row" keep those layers' forward
     collectives (copy/gather and reduce of fairscale.nn.model_parallel.mappings) around the
     quantized matmul. The matmul runs in the scales' dtype (``matmul_dtype``); inputs of another
-    float dtype are cast to it and the output back to the input's dtype."""
+    float dtype are cast to it and the output back to the input's dtype. Under w8a8 the weight is int8
+    as under int8 (scales float32), and each input row is quantized to int8 on the fly."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, weight: torch.Tensor,
                  scales: torch.Tensor, parallel: str = "none", gather_output: bool = False):
@@ -144,7 +169,7 @@ class QuantizedLinear(nn.Module):
         or fairscale's) in a model of dtype."""
         parallel, gather = parallel_kind(layer)
         out_features, in_features = weight.shape
-        dtype = matmul_dtype(weight.device, dtype)
+        dtype = matmul_dtype(weight.device, dtype, scheme)
         if scheme.bits == 8:
             q, scales = quantize_int8(weight, dtype)
         else:
@@ -157,7 +182,9 @@ class QuantizedLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
-        if self.scheme.bits == 8:
+        if self.scheme.activations:
+            y = int8_dynamic_matmul(x2d, self.weight, self.scales)
+        elif self.scheme.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(*self._int8_operands(x2d), self.scales)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.weight, self.scheme.group_size, self.scales)
@@ -206,7 +233,7 @@ class QuantizedLinear(nn.Module):
     def from_portable(cls, state: Dict[str, torch.Tensor], scheme: QuantScheme, parallel: str, gather_output: bool,
                       device: torch.device, dtype: torch.dtype) -> "QuantizedLinear":
         q = state["qweight"].to(device)
-        dtype = matmul_dtype(device, dtype)
+        dtype = matmul_dtype(device, dtype, scheme)
         if scheme.bits == 8:
             out_features, in_features = q.shape
             return cls(in_features, out_features, scheme, q, state["scales"].to(device, dtype), parallel, gather_output)

@@ -72,17 +72,18 @@ def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tok
         torch.testing.assert_close(got, model.forward(tokens, positions)[:, -1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
 @pytest.mark.parametrize("template_can", [True, False], ids=["template", "fallback"])
 @pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
 def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path,
-                                                                      ahead_of_time, template_can):
+                                                                      ahead_of_time, template_can, quantize):
     """Quantized layers go to inductor's C++ GEMM template; where it cannot do a quantized matmul (int4 without
-    AVX-512, for one), torch's kernel serves."""
+    AVX-512, for one), torch's kernel serves (for w8a8, oneDNN's int8 linear that freezing puts in its place)."""
     import torch._inductor.lowering  # noqa: F401 (first: importing quantized_lowerings alone is a circular import)
     import torch._inductor.quantized_lowerings as quantized_lowerings
     from llama.compiled import CompiledDecodeStep
 
-    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize="int8")
+    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize=quantize)
     tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
     g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
     expected = g.model.forward(tokens, positions)[:, -1]
@@ -96,10 +97,12 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
         got = step(tokens, positions)
     # int8 matmuls compute in bfloat16 on CPU: torch's kernels give eager's numbers, the template rounds its
     # products in another order (within two bfloat16 ulps of the largest logit; as far from a float32 model
-    # with the dequantized weights as eager is).
-    atol = 1e-4 if not template_can else 2 ** -7 * expected.abs().max().item()
+    # with the dequantized weights as eager is). w8a8 sums integers exactly, but the compiled step may round
+    # an input element that lies half-way between two steps the other way.
+    atol = 1e-4 if not template_can and quantize == "int8" else 2 ** -7 * expected.abs().max().item()
     torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
-    assert step._gemm_backends == ("CPP" if template_can else "CPP,ATEN")
+    # w8a8's matmuls are oneDNN's int8 linear after freezing: without the template that kernel runs as it is.
+    assert step._gemm_backends == ("CPP" if template_can or quantize == "w8a8" else "CPP,ATEN")
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
@@ -110,7 +113,8 @@ def test_cpu_step_kernels_by_dtype_and_cpu(monkeypatch, capability, tiny_checkpo
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     float32 = "" if capability == "AVX512" else "CPP"
-    for dtype, quantize, backends in (("float32", None, float32), ("bfloat16", None, "CPP"), ("float32", "int8", "CPP")):
+    for dtype, quantize, backends in (("float32", None, float32), ("bfloat16", None, "CPP"), ("float32", "int8", "CPP"),
+                                      ("float32", "w8a8", "CPP")):
         g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", dtype=dtype, quantize=quantize)
         step = CompiledDecodeStep(g.model)
         assert step._gemm_backends == backends and ("max_autotune" in step._cpu_configs()) == bool(backends)

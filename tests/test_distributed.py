@@ -64,17 +64,18 @@ def _check_layout(results, single, same_shards_checkpoint):
 def one_rank_quantized(tiny_checkpoints, tiny_tokenizer_path, tmp_path_factory):
     """What one process computes with each quantization scheme (MHA)."""
     out = tmp_path_factory.mktemp("mp1q")
-    return {q: run_ranks(tiny_checkpoints[(None, 1)], tiny_tokenizer_path, 1, out / q, q)[0] for q in ("int8", "int4-g32")}
+    return {q: run_ranks(tiny_checkpoints[(None, 1)], tiny_tokenizer_path, 1, out / q, q)[0] for q in ("int8", "w8a8", "int4-g32")}
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+@pytest.mark.parametrize("quantize", ["int8", "w8a8", "int4-g32"])
 def test_quantized_many_ranks(tmp_path, tiny_checkpoints, tiny_tokenizer_path, one_rank, one_rank_quantized, quantize):
     """Each rank quantizes its own slices. Column-parallel slices are whole output channels, so they
     quantize as in one process. Row-parallel ones (wo, w2) split the input features: int4's groups
     of 32 never straddle the split (96 and 32 features per rank), so int4 quantizes as in one process
     and its logits differ only by rounding (on CPU each rank's partial sum of a row-parallel layer is
     rounded to bfloat16 before the sum); int8's per-channel scale is taken over each rank's half of
-    the row, so int8 differs slightly from one process and is held to a bound against the float model."""
+    the row, so int8 differs slightly from one process and is held to a bound against the float model; so does
+    w8a8, whose row-parallel layers also scale each token's input over the rank's half."""
     single, float_logits = one_rank_quantized[quantize], one_rank[None]["logits"]
     results = run_ranks(tiny_checkpoints[(None, 2)], tiny_tokenizer_path, 2, tmp_path / "mp", quantize)
     rank0 = results[0]
@@ -89,7 +90,7 @@ def test_quantized_many_ranks(tmp_path, tiny_checkpoints, tiny_tokenizer_path, o
     else:
         assert not torch.equal(rank0["logits"], single["logits"])  # the row-parallel scales differ
         assert error.max() <= 2 * single_error.max() and error.mean() <= 2 * single_error.mean(), (
-            f"2-rank int8 error max {error.max():.4f} mean {error.mean():.4f}; "
+            f"2-rank {quantize} error max {error.max():.4f} mean {error.mean():.4f}; "
             f"1-rank max {single_error.max():.4f} mean {single_error.mean():.4f}"
         )
     # Saved per rank and built again from the quantized directory: the same model.

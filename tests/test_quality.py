@@ -17,11 +17,12 @@ def test_prompts_are_spread_over_the_text():
 
 def test_int8_keeps_perplexity_within_one_percent_and_int4_says_why_it_does_not_apply(stories260k):
     rows = measure(str(stories260k), str(stories260k / "tokenizer.model"), HELD_OUT.read_text(),
-                   ("float32", "int8", "int4-g32"), prompts=8, gen_len=16, max_seq_len=128, device="cpu")
-    float32, int8, int4 = rows
+                   ("float32", "int8", "w8a8", "int4-g32"), prompts=8, gen_len=16, max_seq_len=128, device="cpu")
+    float32, int8, w8a8, int4 = rows
     assert float32["tokens_equal"] == 1.0 and 3 < float32["perplexity"] < 7  # a trained model on its kind of text
-    assert int8["perplexity"] == pytest.approx(float32["perplexity"], rel=0.01)
-    assert 0.5 < int8["tokens_equal"] <= 1.0
+    for quantized in (int8, w8a8):
+        assert quantized["perplexity"] == pytest.approx(float32["perplexity"], rel=0.01)
+        assert 0.5 < quantized["tokens_equal"] <= 1.0
     assert "out_features=172" in int4["refused"] and "use int8" in int4["refused"]
     table = format_table(rows)
     assert "| int8 |" in table and "does not apply" in table

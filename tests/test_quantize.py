@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 quantization (llama/quantize.py) on the CPU, with torch's own kernels."""
+"""int8/int4 weight quantization and w8a8 (llama/quantize.py) on the CPU, with torch's own kernels."""
 
 import json
 import shutil
@@ -17,12 +17,14 @@ from llama.quantize import (
     dequantize_int4,
     dequantize_int8,
     int4_layout,
+    layer_scheme,
     matmul_dtype,
     parse_quantize,
     quantize_int4,
     quantize_int8,
     save_quantized,
 )
+from llama.quantized_linear import int8_dynamic_matmul, quantize_rows
 
 TOKENS = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -97,6 +99,48 @@ def test_int4_layer_matches_float_within_half_a_step(group_size):
     assert (error <= bound + 1e-5).all(), f"max error {error.max():.3g}, bound {bound.min():.3g}..{bound.max():.3g}"
 
 
+@pytest.mark.parametrize("shape", [(5, 256), (2, 3, 256)], ids=["2d", "3d"])
+def test_w8a8_layer_is_the_integer_product_of_its_quantized_operands(shape):
+    layer = float_layer()
+    # Rows of very different ranges, a zero row and one outlier: each row gets its own scale.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 2, shape[-2])[:, None]
+    x[..., 0, :] = 0
+    x[..., -1, 7] = 1e3
+    quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), torch.float32)
+    assert quantized.weight.dtype == torch.int8 and quantized.scales.dtype == torch.float32
+    assert matmul_dtype(torch.device("cpu"), torch.bfloat16, quantized.scheme) == torch.float32
+    x2d = x.reshape(-1, 256)
+    xq, x_scales = quantize_rows(x2d)
+    # Each input element is off by at most half its row's step, and each row's largest reaches +-127.
+    assert xq.dtype == torch.int8 and x_scales.shape == (x2d.shape[0], 1)
+    assert ((xq.double() * x_scales.double() - x2d.double()).abs() <= x_scales.double() / 2 * (1 + 1e-6)).all()
+    nonzero = x2d.abs().amax(1) > 0
+    assert (xq.abs().amax(1)[nonzero] == 127).all() and (xq[~nonzero] == 0).all()
+    # The integer products summed exactly, then both scales: against float64.
+    y = quantized(x)
+    assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
+    exact = (xq.double() @ quantized.weight.double().T) * x_scales.double() * quantized.scales.double()
+    torch.testing.assert_close(y.double().reshape(-1, 48), exact, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(int8_dynamic_matmul(x2d, quantized.weight, quantized.scales), y.reshape(-1, 48))
+    # Against the float layer: half a weight step times sum|x|, plus half an input step times sum|w|.
+    w = layer.weight.double()
+    bound = (quantized.scales.double() / 2 * x2d.double().abs().sum(-1, keepdim=True)
+             + x_scales.double() / 2 * w.abs().sum(-1) + 1e-5 * (x2d.double().abs() @ w.abs().T))
+    error = (y.double().reshape(-1, 48) - x2d.double() @ w.T).abs()
+    assert (error <= bound).all(), f"max error {error.max():.3g}, bound {bound.min():.3g}..{bound.max():.3g}"
+
+
+def test_w8a8_keeps_the_model_dtype_at_its_edges():
+    layer = float_layer()
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
+    exact = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), torch.float32)(x)
+    for dtype in (torch.bfloat16, torch.float16):
+        quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), dtype)
+        y = quantized(x.to(dtype))
+        assert quantized.scales.dtype == torch.float32 and y.dtype == dtype
+        assert ((y.float() - exact).abs().max() / exact.abs().max()).item() < 0.02
+
+
 def test_every_model_dtype_computes_in_bfloat16_on_cpu():
     """torch's CPU kernels are fast for bfloat16 inputs only: a layer of any model dtype keeps bfloat16
     scales and returns the dtype it was given."""
@@ -135,11 +179,15 @@ def test_invalid_arguments_raise_value_error(tiny_checkpoints, tiny_tokenizer_pa
         quantize_int4(torch.randn(16, 48), 32, torch.float32)
     with pytest.raises(ValueError, match="CPU and CUDA only"):
         check_support(QuantScheme(8), torch.device("mps"), torch.float16)
+    assert parse_quantize("w8a8") == QuantScheme(8, activations=8) and parse_quantize("w8a8").name == "w8a8"
+    with pytest.raises(ValueError, match="quantize='w8a8' runs on CPU only .* use quantize='int8' there"):
+        check_support(parse_quantize("w8a8"), torch.device("cuda"), torch.bfloat16)
     with pytest.raises(ValueError, match="save_quantized needs a model built with"):
         save_quantized(build(tiny_checkpoints[(None, 1)], tiny_tokenizer_path), "unused")
 
 
-@pytest.mark.parametrize("quantize,max_error,mean_error,agreement", [("int8", 0.05, 0.01, 0.9), ("int4-g32", 0.4, 0.08, 0.75)])
+@pytest.mark.parametrize("quantize,max_error,mean_error,agreement", [("int8", 0.05, 0.01, 0.9), ("w8a8", 0.05, 0.01, 0.9),
+                                                                    ("int4-g32", 0.4, 0.08, 0.75)])
 def test_quantized_model_is_close_to_float(tiny_checkpoints, tiny_tokenizer_path, quantize, max_error, mean_error, agreement):
     """Bounds are relative to the largest float logit. The tiny model's weights are Gaussian and
     only 64 wide: harder to quantize than a trained model's, int4 most of all."""
@@ -149,8 +197,9 @@ def test_quantized_model_is_close_to_float(tiny_checkpoints, tiny_tokenizer_path
     attention, feed_forward = generator.model.layers[0].attention, generator.model.layers[0].feed_forward
     for layer in (attention.wq, attention.wk, attention.wv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3):
         assert isinstance(layer, QuantizedLinear) and layer.scheme.name == quantize
-    # The output layer is int8 under every scheme; embeddings and norms stay float.
-    assert isinstance(generator.model.output, QuantizedLinear) and generator.model.output.scheme.name == "int8"
+    # The output layer is 8-bit under every scheme (w8a8 under w8a8, else int8); embeddings and norms stay float.
+    output_scheme = "w8a8" if quantize == "w8a8" else "int8"
+    assert isinstance(generator.model.output, QuantizedLinear) and generator.model.output.scheme.name == output_scheme
     assert generator.model.norm.weight.dtype == torch.float32
     assert generator.model.tok_embeddings.weight.dtype == torch.float32
     logits = generator.model(TOKENS, 0)
@@ -164,7 +213,7 @@ def test_quantized_model_is_close_to_float(tiny_checkpoints, tiny_tokenizer_path
     assert isinstance(generator.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"], str)
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+@pytest.mark.parametrize("quantize", ["int8", "w8a8", "int4-g32"])
 def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quantize):
     generator = build(tiny_checkpoints[(2, 1)], tiny_tokenizer_path, quantize=quantize)
     out = save_quantized(generator, tmp_path / "q")
@@ -172,9 +221,10 @@ def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quanti
     info = json.loads((out / "quantization.json").read_text())
     assert info["quantize"] == quantize and info["shards"] == 1 and info["dtype"] == "float32"
     state = torch.load(out / "quantized.00.pt", weights_only=True)
-    assert state["layers.0.attention.wq.qweight"].dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+    assert state["layers.0.attention.wq.qweight"].dtype == (torch.uint8 if quantize == "int4-g32" else torch.int8)
     assert state["output.qweight"].dtype == torch.int8 and "output.weight" not in state
-    assert info["version"] == 2 and info["output_quantize"] == "int8" and "output" in info["quantized_layers"]
+    output_scheme = layer_scheme("output", parse_quantize(quantize)).name
+    assert info["version"] == 2 and info["output_quantize"] == output_scheme and "output" in info["quantized_layers"]
 
     with pytest.raises(CheckpointError, match="cannot be resharded or converted"):
         reshard(str(out), str(tmp_path / "resharded"), shards=1)
@@ -185,7 +235,7 @@ def test_save_and_reload(tmp_path, tiny_checkpoints, tiny_tokenizer_path, quanti
     # Another dtype: floats and scales are cast, the integer weights kept.
     assert build(out, tiny_tokenizer_path, dtype="bfloat16").model(TOKENS, 0).isfinite().all()
 
-    other = "int4-g32" if quantize == "int8" else "int8"
+    other = "int8" if quantize != "int8" else "w8a8"
     with pytest.raises(ValueError, match=f"quantized as '{quantize}', not the requested quantize='{other}'"):
         build(out, tiny_tokenizer_path, quantize=other)
     resharded = shutil.copytree(out, tmp_path / "two-shards")
@@ -264,7 +314,7 @@ for in_features in (8, 24, 40, 88, 100, 172, 200, 256):
 """
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256"])
+@pytest.mark.parametrize("quantize", ["int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "int4-g256"])
 def test_odd_and_small_dimensions_run_correctly_or_are_refused(quantize):
     """In a subprocess: a kernel that crashes fails this test instead of killing the suite."""
     check_odd_shapes(quantize, "cpu", "float32")
@@ -283,7 +333,7 @@ def check_odd_shapes(quantize: str, device: str, dtype: str) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     ran = proc.stdout.count("ran")
     assert ran + proc.stdout.count("refused") == 32
-    if quantize == "int8":
+    if quantize in ("int8", "w8a8"):
         assert ran == 32  # int8 runs every shape (odd in_features are padded to the kernel's multiple of 16)
 
 
@@ -291,6 +341,7 @@ def test_int8_on_the_trained_stories_model_keeps_its_greedy_story(stories260k):
     """stories260K's feed-forward has in_features 172, which crashed torch's CPU int8 kernel before padding."""
     build = lambda **kw: Llama.build(str(stories260k), str(stories260k / "tokenizer.model"), 256, 2, device="cpu", **kw)  # noqa: E731
     float_story = build().text_completion(["Once upon a time"], temperature=0, max_gen_len=40)[0]["generation"]
-    int8_story = build(quantize="int8").text_completion(["Once upon a time"], temperature=0, max_gen_len=40)[0]["generation"]
-    assert int8_story.startswith(", there was a little girl named Lily")
-    assert int8_story[:60] == float_story[:60]
+    for quantize in ("int8", "w8a8"):
+        story = build(quantize=quantize).text_completion(["Once upon a time"], temperature=0, max_gen_len=40)[0]["generation"]
+        assert story.startswith(", there was a little girl named Lily")
+        assert story[:60] == float_story[:60], quantize
