@@ -405,7 +405,7 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
         repeats: Timed runs of each measurement; the fastest is reported.
         seed: Seeds the random weights and prompts.
         compile: Generate through the torch.compile'd decode step.
-        quantize: int8 or int4[-gN] to time the model with quantized weights (see llama/quantize.py); by default none.
+        quantize: int8, w8a8 or int4[-gN] to time the model with quantized weights (see llama/quantize.py); by default none.
         baseline_dtype: The dtype the random weights are made in (by default dtype), in which transformers runs and
             against which, when dtype differs or quantize is set, greedy-token agreement and logit error are reported.
         max_seq_len: The context the model and its KV cache are built for; by default prompt_len + gen_len.

@@ -12,8 +12,8 @@ benchmark tables compare them.
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not
 see later in-place changes to the weights. Every graph compiled holds such a copy, so one graph
-serves every batch size: the batch dimension is compiled as dynamic, and a batch of one is padded
-to two rows (dynamo always specialises a size of 1), which costs no measurable time.
+serves every batch size: the batch dimension is compiled as dynamic. torch.compile always specialises
+a size of 1, so there a batch of one is padded to two rows; the ahead-of-time package takes it as it is.
 
 On CPU in a single process the step is compiled ahead of time and kept on disk (llama/compile_cache.py),
 so only the first process on a machine pays for compiling; CUDA (CUDA graphs) and model parallelism
@@ -152,16 +152,6 @@ class CompiledDecodeStep:
         """kv_len: attend to at least the first kv_len cache positions (default: all); above every position."""
         key_slots = self._key_slots_for(self.model.params.max_seq_len if kv_len is None else kv_len)
         bsz = tokens.shape[0]
-        slots = self.model.cache_shape[0]
-        if slots >= 2:
-            if bsz == 1:
-                # Row 1 runs in slot 1 at the last cache position, which no sequence reads before writing it;
-                # its logits are dropped.
-                tokens = torch.cat([tokens, torch.zeros_like(tokens)])
-                positions = torch.cat([positions, torch.full_like(positions, self.model.params.max_seq_len - 1)])
-            if slots > 2:
-                torch._dynamo.maybe_mark_dynamic(tokens, 0)
-                torch._dynamo.maybe_mark_dynamic(positions, 0)
         try:
             return self._run(tokens, positions, key_slots)[:bsz]
         except Exception as error:
@@ -182,16 +172,32 @@ class CompiledDecodeStep:
                 self._package_dir = None
             else:
                 return package(tokens, positions, key_slots, *self._cache_tensors())
+        tokens, positions = self._one_graph_rows(tokens, positions)
         with self._inductor_options():
             return self._step(tokens, positions, key_slots)
+
+    def _one_graph_rows(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """The step's inputs for torch.compile, which specialises a size of 1: a batch of one gets a second row (in
+        slot 1 at the last cache position, which no sequence reads before writing it; its logits are dropped),
+        and the batch size is marked dynamic, so that one graph serves every batch size."""
+        slots = self.model.cache_shape[0]
+        if slots >= 2:
+            if tokens.shape[0] == 1:
+                tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+                positions = torch.cat([positions, torch.full_like(positions, self.model.params.max_seq_len - 1)])
+            if slots > 2:
+                torch._dynamo.maybe_mark_dynamic(tokens, 0)
+                torch._dynamo.maybe_mark_dynamic(positions, 0)
+        return tokens, positions
 
     def _ahead_of_time(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> Callable:
         """The package for this model, cache shape and GEMM backends; it takes the KV cache as inputs."""
         made_for = (self.model.cache_shape, self._gemm_backends)
         if self._package_for != made_for:
             slots, max_len = self.model.cache_shape
-            # The sizes that vary are the ones __call__ marks dynamic for torch.compile.
-            batch = {0: torch.export.Dim("batch", min=2, max=slots)} if slots > 2 else None
+            # The sizes that vary are the ones _one_graph_rows marks dynamic for torch.compile; exported from an
+            # example of several rows, the package serves a single row as it is (no padding row).
+            batch = {0: torch.export.Dim("batch", min=1, max=slots)} if slots >= 2 else None
             keys = {0: torch.export.Dim("keys", min=2, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
                         "gemm": self._gemm_backends}

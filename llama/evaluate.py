@@ -134,7 +134,7 @@ def main(
         include_path: A folder of your own task YAML files.
         device: cuda, cpu or mps; by default the best available.
         dtype: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
-        quantize: int8 or int4[-gN] to evaluate the model with quantized weights; by default none.
+        quantize: int8, w8a8 or int4[-gN] to evaluate the model with quantized weights; by default none.
         compile: Generate through the torch.compile'd decode step.
         output: A file to write the results to as JSON as well.
         seed: Seeds torch's, Python's and numpy's generators and lm-eval's few-shot sampling.

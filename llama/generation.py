@@ -92,11 +92,12 @@ class Llama:
         sample the same tokens.
         compile=True compiles the one-token decode step with torch.compile (with CUDA graphs on
         CUDA); the first generation pays the compilation, later ones reuse it.
-        quantize: None, "int8" (per-output-channel scales) or "int4" / "int4-g32" / "int4-g64" /
-        "int4-g128" / "int4-g256" (grouped scales and zeros; "int4" is group 128) quantizes the
-        attention and feed-forward weights as they load, each rank its own slices, and the output
-        layer with int8 under every scheme; embeddings and norms stay in dtype. Runs on CPU and CUDA
-        (int4 on CUDA needs bfloat16).
+        quantize: None, "int8" (per-output-channel scales), "w8a8" (the same weights, and each
+        token's input to a layer quantized to int8 too: CPU only, fastest there) or "int4" /
+        "int4-g32" / "int4-g64" / "int4-g128" / "int4-g256" (grouped scales and zeros; "int4" is
+        group 128) quantizes the attention and feed-forward weights as they load, each rank its own
+        slices, and the output layer with 8 bits under every scheme; embeddings and norms stay in
+        dtype. Runs on CPU and CUDA (int4 on CUDA needs bfloat16).
         A directory written by llama.quantize.save_quantized loads as stored (quantize None or
         equal to its scheme) on as many ranks as it has shards. See llama/quantize.py.
         """

@@ -82,7 +82,7 @@ def main(
         max_batch_size: How many windows run at once.
         device: cuda, cpu or mps; by default the best available.
         dtype: float32, float16 or bfloat16; by default the device's (float32 on the CPU).
-        quantize: int8 or int4[-gN] to score the model with quantized weights; by default none.
+        quantize: int8, w8a8 or int4[-gN] to score the model with quantized weights; by default none.
         compile: Compile the scoring forward pass with torch.compile.
         json: A file to write the results to as JSON as well.
     """

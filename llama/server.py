@@ -253,7 +253,7 @@ def main(
         device: cuda, cpu or mps; by default the best available.
         dtype: float32, float16 or bfloat16; by default bfloat16 (or float16) on a GPU, float32 on the CPU.
         compile: Generate through the torch.compile'd decode step (compiled at the first request).
-        quantize: int8 or int4[-gN] to serve quantized weights; by default none.
+        quantize: int8, w8a8 or int4[-gN] to serve quantized weights; by default none.
         model_name: The model's name in the API; by default the checkpoint folder's name.
         api_key: Require "Authorization: Bearer KEY" on /v1; by default the LLAMA_API_KEY environment variable,
             none when that is unset.

@@ -44,6 +44,12 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not packages
         return
     assert len(packages) == 1 and len(list(tmp_path.glob("decode-*.pt2"))) == 1
+    # The package takes a single row as it is (torch.compile in-process needs a second, padding row).
+    step, rows = compiled.engine._decode, []
+    package = step._package
+    step._package = lambda tokens, *rest: rows.append(tokens.shape[0]) or package(tokens, *rest)
+    assert compiled.generate(prompts[:1], max_gen_len=3, temperature=0)[0] == eager.generate(prompts[:1], max_gen_len=3, temperature=0)[0]
+    assert rows == [1, 1]
     # The KV cache is the step's input, not a constant stored in the package (it would be GBs of zeros).
     (package,) = tmp_path.glob("decode-*.pt2")
     assert not [name for name in torch._inductor.aoti_load_package(str(package)).get_constant_fqns() if "cache" in name]
