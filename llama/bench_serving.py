@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch._dynamo.utils import counters
 
-from llama import hf_baseline
+from llama import hf_baseline, quantize as quantization
 from llama.checks import check_positive_int, check_seed
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
@@ -250,10 +250,11 @@ def _compare_hf(results: dict, model, workload: List[Request], ours: List[List[i
                                   for p in POLICIES}
 
 
-def _describe(model, device: torch.device, workload: List[Request], prompt_range, gen_range, settings: dict) -> dict:
+def _describe(model, device: torch.device, workload: List[Request], prompt_range, gen_range, settings: dict,
+              params: int) -> dict:
     """The results' header: what ran, on what, with which settings."""
     return {
-        **settings, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
+        **settings, "params": params, "device": str(device),
         "device_name": device_name(device), "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "workload": {"requests": len(workload), "prompt_len": list(prompt_range), "max_gen_len": list(gen_range),
@@ -267,18 +268,27 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
         arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
         join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
-        max_seq_len: Optional[int] = None, partial_json: Optional[str] = None) -> dict:
+        max_seq_len: Optional[int] = None, partial_json: Optional[str] = None, quantize: Optional[str] = None) -> dict:
     """Run the serving benchmark and return its results (see main for the arguments). partial_json: a path that
     gets the results so far after each part (a long run that is stopped keeps what it measured)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     chunks, max_seq_len = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len,
                                       join_chunks, repeats, arrival_rate, max_seq_len, seed)
+    scheme = quantization.parse_quantize(quantize)
+    if scheme is not None and compare_hf:
+        raise ValueError("compare_hf runs transformers on the float weights, which a quantized model no longer has; "
+                         "drop --quantize or --compare_hf")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if scheme is not None:
+        quantization.check_support(scheme, device, dtype)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     other, started = OtherLoad(), time.perf_counter()
     bandwidth = [copy_bandwidth(device) / 1e9]
     model = build_random_model(shape, device, dtype, max_seq_len, max_batch_size, seed)
+    params = sum(p.numel() for p in model.parameters())  # counted before quantized layers make them buffers
+    if scheme is not None:
+        quantization.quantize_model(model, scheme)
     tokenizer = NoTextTokenizer(model.vocab_size)
     decode = CompiledDecodeStep(model) if compile else None
     engines = {p: Engine(model, tokenizer, prefill_chunk=prefill_chunk, policy=p, decode=decode) for p in POLICIES}
@@ -289,7 +299,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     graphs = counters["stats"]["unique_graphs"]
     results = _describe(model, device, workload, prompt_range, gen_range, dict(
         shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile, prefill_chunk=prefill_chunk,
-        repeats=repeats, seed=seed))
+        repeats=repeats, seed=seed, quantize=scheme.name if scheme else None), params)
     results["offline"], tokens = _best_of(repeats, {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}, max_batch_size)
     results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
     write_json(partial_json, results)
@@ -341,7 +351,8 @@ def format_table(r: dict) -> str:
     """A readable summary of run()'s results."""
     w, hf = r["workload"], r.get("hf")
     lines = [
-        f"llama.bench_serving: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}, "
+        f"llama.bench_serving: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}"
+        f"{', weights ' + r['quantize'] if r.get('quantize') else ''}, "
         f"device {r['device']}: {r['device_name']}",
         f"torch {r['torch']}, {r['max_batch_size']} slots, max_seq_len {r['max_seq_len']}, prefill chunk {r['prefill_chunk']}, "
         f"{'compiled decode step, ' if r['compile'] else ''}greedy, EOS disabled, best of {r['repeats']}",
@@ -383,7 +394,7 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
          requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
          arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
          join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
-         max_seq_len: Optional[int] = None, json: Optional[str] = None) -> dict:
+         max_seq_len: Optional[int] = None, json: Optional[str] = None, quantize: Optional[str] = None) -> dict:
     """Serving benchmark on a random model: continuous against static batching on a mixed workload; prints a table
     and optionally writes JSON (every figure). See README.md, "Continuous batching", for every figure.
 
@@ -407,10 +418,12 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
         seed: Seeds the workload and the random weights.
         max_seq_len: The context the model is built for; by default the longest prompt and generation of any run.
         json: A file to write every figure to as JSON (also after each part of the run); its folder must exist.
+        quantize: int8, w8a8 or int4[-gN] to serve the model with quantized weights (see llama/quantize.py); by
+            default none. Not with compare_hf.
     """
     json = check_output_path(json)
     results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
-                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json)
+                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json, quantize)
     report(format_table(results), results, json)
     return results
 

@@ -160,3 +160,16 @@ def test_bad_arguments():
         bs.run(**{**SMALL, "join_chunks": (8, 0)})
     with pytest.raises(ValueError, match="arrival_rate"):
         bs.run(**{**SMALL, "arrival_rate": -1})
+    with pytest.raises(ValueError, match="quantize='int3' is not a known scheme"):
+        bs.run(**SMALL, quantize="int3")
+    with pytest.raises(ValueError, match="drop --quantize or --compare_hf"):
+        bs.run(**SMALL, quantize="w8a8", compare_hf=True)
+
+
+def test_quantized_model_serves_the_workload(capsys):
+    r = bs.main(**{**SMALL, "arrival_rate": 0, "join_chunks": []}, quantize="w8a8")
+    assert r["quantize"] == "w8a8" and r["params"] > 1e5  # counted before the layers became int8 buffers
+    for policy in ("continuous", "static"):
+        _check_summary(r["offline"][policy], r["workload"]["gen_tokens"], 6)
+    assert r["static_tokens_equal"] == 1.0
+    assert ", weights w8a8," in capsys.readouterr().out
