@@ -34,9 +34,9 @@ its scale.
 Under model parallelism every rank quantizes its own slice. Column-parallel slices (wq, wk, wv,
 w1, w3) are whole output channels, so their quantization is the same as the unsplit layer's.
 Row-parallel slices (wo, w2) split the input features: int8 then takes each channel's scale over
-the rank's slice only, w8a8 each token's scale too (results differ slightly from one process), while int4 groups never straddle
-a slice boundary (in_features per rank must be a multiple of the group size), so int4 quantizes
-identically on any number of ranks.
+the rank's slice only, and w8a8 each token's scale too (results differ slightly from one process),
+while int4 groups never straddle a slice boundary (in_features per rank must be a multiple of the
+group size), so int4 quantizes identically on any number of ranks.
 
 ``save_quantized`` writes a quantized model as a directory that ``Llama.build`` loads without
 re-quantizing: params.json, quantization.json and one quantized.NN.pt per model-parallel rank
@@ -75,7 +75,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP_SIZE = 128
 QUANTIZATION_FILE = "quantization.json"
 FORMAT = "llama-weight-only-quantized"
-FORMAT_VERSION = 2  # 1: the output layer float; 2: it is int8 (quantization.json's "output_quantize")
+FORMAT_VERSION = 2  # 1: the output layer float; 2: quantized too (quantization.json's "output_quantize")
 
 
 def parse_quantize(value: Optional[Union[str, QuantScheme]]) -> Optional[QuantScheme]:
