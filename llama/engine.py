@@ -1,7 +1,8 @@
 """Continuous batching: a per-step scheduler over the model's KV-cache slots.
 
 Requests wait in a queue, take a free cache slot as soon as one exists, have their prompts fed in
-chunks (a long prompt never stalls the running requests for more than one chunk per step), then
+chunks (a long prompt never stalls the running requests for more than one chunk per step, and a step's
+chunks ride in the same forward call as its decode rows, one read of the weights for both), then
 decode one token per step beside every other running request, each with its own sampling settings,
 and leave the step they end, freeing their slot at once. Under model parallelism rank 0 makes every
 scheduling decision and the other ranks apply the same plan, so all ranks run the same forward calls.
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from llama.checks import check_positive_int, is_int
 from llama.request import Completion, RequestSpec, StepOutput, check_prompt, check_stop_token_ids
+from llama.model import Part
 from llama.sampling import SamplingParams, check_max_gen_len, next_tokens
 from llama.scheduling import Plan, Running, feeding_groups, plan_step
 from llama.streaming import IncrementalDecoder
@@ -243,47 +245,55 @@ class Engine:
 
     def _forward(self, chunks: List[Tuple[int, int]], decoding: List[Running]) -> Tuple[List[Running], torch.Tensor]:
         """Feed this step's prompt chunks (those of similar lengths together) and one token of each decoding
-        request. Returns the requests that get a new token and their last-position logits (rows, vocab)."""
+        request, in one forward call when there are chunks (the decode rows share the prompts' read of the
+        weights), else in the decode step. Returns the requests that get a new token and their last-position
+        logits (rows, vocab)."""
+        in_slots = torch.tensor([r.slot for r in decoding], device=self.device)
+        if not chunks:
+            return decoding, (self._decode(*self._decode_rows(decoding))[in_slots] if decoding else torch.empty(0))
         fed = [(self._requests[i], n) for i, n in chunks]
+        groups = feeding_groups(fed, self.model.cache_shape[1])
+        parts = [self._prompt_part(group) for group in groups]
+        if decoding:
+            tokens, positions, kv_len = self._decode_rows(decoding)
+            parts.append(Part(tokens, positions, kv_len=kv_len))
+        outs = self.model.forward_parts(parts)
         last = {}
-        for group in feeding_groups(fed, self.model.cache_shape[1]):
-            last.update(zip((r.id for r, _ in group), self._feed(group)))
+        for group, out in zip(groups, outs):
+            for (request, n), row in zip(group, out):
+                if request.spec.prompt_logprobs:
+                    self._score_prompt(request, request.fed, row)
+                request.fed += n
+                last[request.id] = row[-1]
         rows = [r for r, _ in fed if r.decoding and r.limit > 0]
         logits = [last[r.id] for r in rows]
         if decoding:
-            logits += list(self._decode_step(decoding))
+            logits += list(outs[-1][in_slots, -1])
             rows += decoding
         return rows, torch.stack(logits) if logits else torch.empty(0)
 
-    def _feed(self, group: List[Tuple[Running, int]]) -> List[torch.Tensor]:
-        """Write the prompt chunks of group (request, tokens) to the cache in one forward call, padded to the
-        longest; each request's logits at its chunk's last token. The padding's keys and values land at
-        positions its request writes before reading them."""
+    def _prompt_part(self, group: List[Tuple[Running, int]]) -> Part:
+        """The prompt chunks of group (request, tokens) as one part of a forward call, padded to the longest;
+        each request's logits at its chunk's last token (every position's for one that scores its prompt, which
+        goes alone). The padding's keys and values land at positions its request writes before reading them."""
         if len(group) == 1:
             request, n = group[0]
-            start = request.fed
-            tokens = torch.tensor([request.spec.prompt[start : start + n]], device=self.device)
+            tokens = torch.tensor([request.spec.prompt[request.fed : request.fed + n]], device=self.device)
             slot = torch.tensor([request.slot], device=self.device)
-            out = self.model.forward(tokens, start, slot, last_only=not request.spec.prompt_logprobs)[0]
-            request.fed += n
-            if request.spec.prompt_logprobs:
-                self._score_prompt(request, start, out)
-            return [out[-1]]
+            return Part(tokens, request.fed, slot, last_only=not request.spec.prompt_logprobs)
         width = max(n for _, n in group)
         tokens = [r.spec.prompt[r.fed : r.fed + n] + [0] * (width - n) for r, n in group]
         positions = [range(r.fed, r.fed + width) for r, _ in group]
         kv_len = max(r.fed + n for r, n in group)
-        out = self.model.forward(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
-                                 torch.tensor([r.slot for r, _ in group], device=self.device), kv_len=kv_len,
-                                 output_index=torch.tensor([n - 1 for _, n in group], device=self.device))
-        for request, n in group:
-            request.fed += n
-        return list(out[:, 0])
+        return Part(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                    torch.tensor([r.slot for r, _ in group], device=self.device), kv_len,
+                    output_index=torch.tensor([n - 1 for _, n in group], device=self.device))
 
-    def _decode_step(self, decoding: List[Running]) -> torch.Tensor:
-        """One token for each decoding request, in a batch over slots 0..the highest one in use. A slot
-        without a decoding request gets a stand-in row at the last cache position: written there
-        before any real token is (a sequence writes a position before it reads it), never read."""
+    def _decode_rows(self, decoding: List[Running]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """The decode step's inputs: one token for each decoding request, in a batch over slots 0..the highest
+        one in use, so the cache is read in place (tokens (n, 1), positions (n, 1), kv_len). A slot without a
+        decoding request gets a stand-in row at the last cache position: written there before any real token is
+        (a sequence writes a position before it reads it), never read. The caller keeps the decoding rows."""
         n = max(r.slot for r in decoding) + 1
         last = self.max_seq_len - 1
         tokens, positions = [0] * n, [last] * n
@@ -291,10 +301,8 @@ class Engine:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = len(r.spec.prompt) + len(r.generated) - 1
         kv_len = max(positions[r.slot] for r in decoding) + 1
-        step_tokens = torch.tensor(tokens, device=self.device)[:, None]
-        step_positions = torch.tensor(positions, device=self.device)[:, None]
-        logits = self._decode(step_tokens, step_positions, kv_len)
-        return logits[torch.tensor([r.slot for r in decoding], device=self.device)]
+        return (torch.tensor(tokens, device=self.device)[:, None], torch.tensor(positions, device=self.device)[:, None],
+                kv_len)
 
     def _eager_decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         return self.model.forward(tokens, positions, kv_len=kv_len)[:, -1]

@@ -7,7 +7,7 @@ shapes as Meta's shards, so one checkpoint shard loads into either).
 
 import os
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -212,20 +212,24 @@ class Attention(nn.Module):
         self.wo = _linear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, at.rope), apply_rope(k, at.rope)
-        self.cache.write(at.write_slots, at.positions, k, v)
-        keys, values = self.cache.read(at.slots, bsz, at.kv_len)
-        # Without a mask, the queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=at.mask, is_causal=at.mask is None and seqlen > 1,
-            enable_gqa=self.n_local_kv_heads != self.n_local_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+    def forward(self, x: torch.Tensor, parts: Sequence["Positions"]) -> torch.Tensor:
+        """x: (tokens, dim), the parts' rows one after the other; each part attends within its own rows."""
+        outs, sizes = [], [at.positions.numel() for at in parts]
+        for at, xq, xk, xv in zip(parts, *(_split(w(x), sizes) for w in (self.wq, self.wk, self.wv))):
+            bsz, seqlen = at.positions.shape
+            q = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+            k = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            v = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            q, k = apply_rope(q, at.rope), apply_rope(k, at.rope)
+            self.cache.write(at.write_slots, at.positions, k, v)
+            keys, values = self.cache.read(at.slots, bsz, at.kv_len)
+            # Without a mask, the queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=at.mask, is_causal=at.mask is None and seqlen > 1,
+                enable_gqa=self.n_local_kv_heads != self.n_local_heads,
+            )
+            outs.append(out.transpose(1, 2).reshape(bsz * seqlen, self.n_local_heads * self.head_dim))
+        return self.wo(_cat(outs))
 
 
 class FeedForward(nn.Module):
@@ -248,8 +252,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), at)
+    def forward(self, x: torch.Tensor, parts: Sequence["Positions"]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), parts)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -322,15 +326,29 @@ class Transformer(nn.Module):
         position's logits only (bsz, 1, vocab), skipping the output layer for the others; output_index
         (bsz,) likewise returns each row's logits at that index only (rows of different lengths, padded).
         """
-        at = self._positions(tokens, start_pos, slots, kv_len)
-        h = self.tok_embeddings(tokens)
+        return self.forward_parts([Part(tokens, start_pos, slots, kv_len, last_only, output_index)])[0]
+
+    @torch.no_grad()
+    def forward_parts(self, parts: Sequence["Part"]) -> List[torch.Tensor]:
+        """Several forward calls' worth of tokens in one: each Part is what forward() takes, and gets what
+        forward() would return. The parts' rows share every matmul (one read of the weights) and attend within
+        their own part, so a step's prompt chunks and its one-token decode rows run together."""
+        ats = [self._positions(p.tokens, p.start_pos, p.slots, p.kv_len) for p in parts]
+        h = self.tok_embeddings(_cat([p.tokens.reshape(-1) for p in parts]))
         for layer in self.layers:
-            h = layer(h, at)
-        if last_only:
-            h = h[:, -1:]
-        elif output_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), output_index][:, None]
-        return self.output(self.norm(h)).float()
+            h = layer(h, ats)
+        picked = []
+        for p, hp in zip(parts, _split(h, [p.tokens.numel() for p in parts])):
+            bsz, seqlen = p.tokens.shape
+            hp = hp.view(bsz, seqlen, hp.shape[-1])
+            if p.last_only:
+                hp = hp[:, -1:]
+            elif p.output_index is not None:
+                hp = hp[torch.arange(bsz, device=hp.device), p.output_index][:, None]
+            picked.append(hp)
+        logits = self.output(self.norm(_cat([hp.flatten(0, 1) for hp in picked]))).float()
+        sizes = [hp.shape[0] * hp.shape[1] for hp in picked]
+        return [out.view(*hp.shape[:2], out.shape[-1]) for out, hp in zip(_split(logits, sizes), picked)]
 
     def _positions(self, tokens: torch.Tensor, start_pos, slots, kv_len) -> "Positions":
         if self.cache_shape is None:
@@ -365,6 +383,27 @@ class Transformer(nn.Module):
             raise ValueError(f"a batch of {bsz} rows exceeds the KV cache's {n_slots} slots (max_batch_size)")
         write_slots = torch.arange(bsz, device=device) if slots is None else slots
         return Positions(positions, write_slots, slots, kv_len, rope, mask)
+
+
+def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _split(x: torch.Tensor, sizes: List[int]) -> Sequence[torch.Tensor]:
+    """x's rows in consecutive parts of the given sizes (one part: x as it is)."""
+    return [x] if len(sizes) == 1 else x.split(sizes)
+
+
+@dataclass
+class Part:
+    """The arguments of one Transformer.forward call, as a part of a forward_parts call."""
+
+    tokens: torch.Tensor
+    start_pos: Union[int, torch.Tensor] = 0
+    slots: Optional[torch.Tensor] = None
+    kv_len: Optional[int] = None
+    last_only: bool = False
+    output_index: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -16,8 +16,9 @@ class ScriptedModel(torch.nn.Module):
     that starts in that slot, wherever the engine moves it), or a
     function of the whole sequence so far (its tokens as stored in this model's own token "cache",
     so a token fed at the wrong position or slot changes what follows). Every forward call is
-    recorded in calls as (rows, tokens per row), each prompt chunk's length in prefills (those fed
-    together too, without their padding), and each move_slot in moves.
+    recorded in calls as (rows, tokens per row) (each part of a forward_parts call as a call of its own,
+    and the parts' calls in part_calls), each prompt chunk's length in prefills (those fed together too,
+    without their padding), and each move_slot in moves.
     """
 
     def __init__(self, params: ModelArgs, vocab_size: int, script: Script):
@@ -25,7 +26,7 @@ class ScriptedModel(torch.nn.Module):
         self.params, self.vocab_size, self.script = params, vocab_size, script
         self.tok_embeddings = torch.nn.Embedding(1, 1)
         self.cache_shape = None
-        self.calls, self.prefills, self.moves = [], [], []
+        self.calls, self.prefills, self.moves, self.part_calls = [], [], [], []
         self.margin = 10.0  # the script's logit; every other token's is 0
 
     def setup_cache(self):
@@ -65,6 +66,10 @@ class ScriptedModel(torch.nn.Module):
         if output_index is not None:
             return logits[torch.arange(bsz), output_index][:, None]
         return logits[:, -1:] if last_only else logits
+
+    def forward_parts(self, parts):
+        self.part_calls.append([(p.tokens.shape[0], p.tokens.shape[1]) for p in parts])
+        return [self.forward(p.tokens, p.start_pos, p.slots, p.kv_len, p.last_only, p.output_index) for p in parts]
 
 
 def scripted_llama(tokenizer, script: Script, max_seq_len: int = 64, max_batch_size: int = None, **engine) -> Llama:

@@ -207,14 +207,13 @@ def test_prompt_chunks_fed_together_equal_each_fed_alone(tiny_checkpoints, tiny_
     prompts = [[1] + list(range(10 + 20 * i, 10 + 20 * i + n)) for i, n in enumerate((11, 10, 9, 8))]  # 12, 11, 10, 9 tokens
     alone = [llama.generate([p], max_gen_len=8, temperature=0, logprobs=True) for p in prompts]
     together = []
-    forward = llama.model.forward
+    forward_parts = llama.model.forward_parts
 
-    def recording(*args, **kwargs):
-        if kwargs.get("output_index") is not None:
-            together.append(kwargs["output_index"].tolist())
-        return forward(*args, **kwargs)
+    def recording(parts):
+        together.extend(p.output_index.tolist() for p in parts if p.output_index is not None)
+        return forward_parts(parts)
 
-    llama.model.forward = recording
+    llama.model.forward_parts = recording
     batched = Llama(llama.model, llama.tokenizer, prefill_chunk=24).generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
     # Step 1: 12 and 11 tokens together, 1 alone (too short to pad); step 2: 9 (from position 1) and 9 together.
     assert together == [[11, 10], [8, 8]]
