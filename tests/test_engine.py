@@ -94,6 +94,8 @@ def test_a_step_feeds_at_most_one_chunk_and_running_requests_keep_decoding(token
     second = engine.add_request(long_prompt, GREEDY, 3)
     steps = run(engine)
     assert model.prefills[:5] == [4, 4, 4, 4, 2]
+    # Each of those steps was one forward call: the chunk and the running request's decode row as its parts.
+    assert model.part_calls[-5:] == [[(1, 4), (1, 1)]] * 4 + [[(1, 2), (1, 1)]]
     # Every step while the long prompt was read also gave the running request one token.
     tokens_per_step = [sum(len(o.new_tokens) for o in step if o.request_id == first) for step in steps[:5]]
     assert tokens_per_step == [1, 1, 1, 1, 1]

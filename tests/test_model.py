@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, rope_table
+from llama.model import ModelArgs, Part, RMSNorm, Transformer, apply_rope, rope_table
 from llama.parallel import parallelize
 from tests.checkpoints import random_state_dict, tiny_params
 from tests.naive_llama import naive_logits, rotary
@@ -172,6 +172,35 @@ def test_tokens_at_their_own_positions_and_slots_equal_full_forwards(tiny):
     for kv_len in (0, cache_len + 1):
         with pytest.raises(ValueError, match=f"kv_len={kv_len} must be between 1 and the cache's length {cache_len}"):
             model(step_tokens, positions, None, kv_len)
+
+
+def test_parts_of_one_forward_call_equal_separate_calls(tiny):
+    """forward_parts: a prompt chunk from position 0, a mid-prompt chunk, chunks of two rows padded to one
+    length (output_index) and a decode step over gathered slots, in one call, give what each gives alone and
+    write the same cache; each row against the float64 formula too."""
+    params, sd, model = tiny
+    seqs = [[1, 5, 9, 33, 2, 70, 11], [1, 8, 8, 40], [1, 3, 4, 50, 60, 7], [1, 20, 21, 22, 23]]
+    alone = build(params, sd)
+    # Slots 0 and 1 hold a sequence's first tokens already; slots 2 and 3 start now.
+    for m in (model, alone):
+        m(torch.tensor([seqs[0][:6]]), 0, torch.tensor([0]))
+        m(torch.tensor([seqs[1][:2]]), 0, torch.tensor([1]))
+    parts = [
+        Part(torch.tensor([seqs[0][6:7]]), torch.tensor([[6]]), torch.tensor([0]), kv_len=7),  # a decode row
+        Part(torch.tensor([seqs[1][2:4]]), 2, torch.tensor([1]), last_only=True),  # the rest of a prompt
+        Part(torch.tensor([seqs[2], seqs[3] + [0]]), torch.arange(6).expand(2, 6), torch.tensor([2, 3]), kv_len=6,
+             output_index=torch.tensor([5, 4])),  # two prompts, the shorter padded
+    ]
+    got = model.forward_parts(parts)
+    expected = [alone.forward(p.tokens, p.start_pos, p.slots, p.kv_len, p.last_only, p.output_index) for p in parts]
+    assert [g.shape for g in got] == [(1, 1, VOCAB), (1, 1, VOCAB), (2, 1, VOCAB)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    for logits, seq in zip([got[0][0, 0], got[1][0, 0], got[2][0, 0], got[2][1, 0]], seqs):
+        torch.testing.assert_close(logits.double(), naive_logits(sd, params, seq)[-1], atol=1e-4, rtol=1e-4)
+    for layer, other in zip(model.layers, alone.layers):  # the padding's keys land past the shorter prompt's end
+        torch.testing.assert_close(layer.attention.cache.k[:, :, :5], other.attention.cache.k[:, :, :5])
+        torch.testing.assert_close(layer.attention.cache.v[:, :, :5], other.attention.cache.v[:, :, :5])
 
 
 def test_forward_needs_a_cache_set_up_first():
