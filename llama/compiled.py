@@ -7,7 +7,8 @@ packed for a batch of 8 rows; for float32 on other CPUs, bfloat16/float16 (AMX) 
 is inductor's C++ GEMM template (max-autotune), asked for alone, since autotuning times the choices with
 every weight hot in cache, not as decoding reads them; for matmuls the template cannot do (int4 weights on
 CPUs without AVX-512, for one) the step is compiled again with torch's own kernels as well. README's
-benchmark tables compare them.
+benchmark tables compare them. Attention on CPU is SDPA's math form, which inductor fuses into the step;
+with oneDNN's matmuls it is flex_attention instead, so that each row reads its own keys only.
 
 Freezing keeps its own prepacked copy of the weights: on CPU the compiled step costs one more copy
 of the model's matmul weights in memory (the eager weights still serve prefill), and it does not
@@ -26,10 +27,11 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask
 
 from llama import compile_cache
 from llama.distributed import model_parallel_world_size
-from llama.model import KVCache, Transformer
+from llama.model import KVCache, Part, Transformer
 from llama.quantized_linear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,28 @@ def _onednn_matmuls(model: Transformer) -> bool:
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return model.tok_embeddings.weight.dtype == torch.float32 and not quantized and avx512
+
+
+def row_block_mask(row_ends: torch.Tensor, bsz: int, kv_len: int, block: int) -> BlockMask:
+    """flex_attention's mask for a decode step of bsz rows over kv_len keys: row i attends keys 0..row_ends[i]
+    (clamped to kv_len - 1), and its blocks of keys past that are never read, where a dense mask reads every row to
+    kv_len. row_ends has an entry per cache slot, a fixed size: the mask function reads it, and torch 2.13's
+    ahead-of-time compiler cannot declare a tensor captured there whose size is the dynamic batch."""
+    n_blocks = (kv_len + block - 1) // block
+    ends = row_ends[:bsz].clamp(max=kv_len - 1)
+    full = ((ends + 1) // block).to(torch.int32)  # blocks the row sees whole
+    partial = ((ends + 1) % block != 0).to(torch.int32)  # then one seen in part: the block at index full
+    blocks = torch.arange(n_blocks, dtype=torch.int32, device=row_ends.device)
+    # Built without broadcasting a dimension of n_blocks, which export would then guard as never being 1.
+    full_indices = blocks.repeat(bsz, 1)
+    partial_indices = torch.zeros(bsz, n_blocks, dtype=torch.int32, device=row_ends.device) + full.clamp(max=n_blocks - 1)[:, None]
+
+    def up_to_row_end(b, h, q_idx, kv_idx):
+        return kv_idx <= row_ends[b]
+
+    return BlockMask.from_kv_blocks(partial[:, None, None], partial_indices[:, None, None], full[:, None, None],
+                                    full_indices[:, None, None], BLOCK_SIZE=block, mask_mod=up_to_row_end,
+                                    seq_lengths=(1, kv_len), compute_q_blocks=False)  # (for backward only)
 
 
 class _InputCache(KVCache):
@@ -71,22 +95,29 @@ def _layer_caches(model: Transformer, caches: list) -> Iterator[None]:
 
 class _StepOverKeys(torch.nn.Module):
     """model.forward for one token per row, attending to key_slots.shape[0] cache positions: the attended
-    length comes in as the length of a tensor, the way a size can be marked dynamic. cache, when given, is
-    every layer's keys and values (k0, v0, k1, v1, ...), read and written in place instead of the model's
-    cache buffers: what the ahead-of-time package is exported with, so that it does not store the cache."""
+    length comes in as the length of a tensor, the way a size can be marked dynamic. row_ends holds each
+    row's position, padded to one entry per cache slot (row_block_mask). cache, when given, is every layer's
+    keys and values (k0, v0, k1, v1, ...), read and written in place instead of the model's cache buffers:
+    what the ahead-of-time package is exported with, so that it does not store the cache."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
         self.device_type = model.tok_embeddings.weight.device.type
+        self.attention_block: Optional[int] = None  # keys per flex_attention block; None: SDPA, rows read to kv_len
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor, *cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor, row_ends: torch.Tensor,
+                *cache: torch.Tensor) -> torch.Tensor:
         inputs = [_InputCache(k, v) for k, v in zip(cache[0::2], cache[1::2])]
+        kv_len = key_slots.shape[0]
+        block_mask = None
+        if self.attention_block:
+            block_mask = row_block_mask(row_ends, tokens.shape[0], kv_len, self.attention_block)
         # On CPU, one query per row: inductor fuses SDPA's math form into the step, which beats the CPU
         # flash kernel's per-call overhead at these sizes.
         with _layer_caches(self.model, inputs) if cache else nullcontext(), \
                 sdpa_kernel(SDPBackend.MATH) if self.device_type == "cpu" else nullcontext():
-            return self.model.forward(tokens, positions, kv_len=key_slots.shape[0])[:, -1]
+            return self.model.forward_parts([Part(tokens, positions, kv_len=kv_len, block_mask=block_mask)])[0][:, -1]
 
 
 class CompiledDecodeStep:
@@ -96,11 +127,14 @@ class CompiledDecodeStep:
     The step attends to the cache up to kv_len rounded up to a multiple of kv_bucket, not to the whole
     cache: a short generation in a model built for long contexts reads only the keys it needs. The
     attended length is a dynamic size of the one compiled graph. On CPU any length costs nothing more,
-    so the bucket is small (keys and values past the longest row are read for nothing); on CUDA a CUDA
-    graph is recorded for each length met, at most max_seq_len / kv_bucket of them.
+    so the bucket is small; on CUDA a CUDA graph is recorded for each length met, at most
+    max_seq_len / kv_bucket of them. Within that length, a float32 step on CPU (oneDNN's matmuls) reads each
+    row's keys up to the row's own position only (flex_attention, in blocks of attention_block keys);
+    the others read every row's keys to the longest row's.
     """
 
     kv_bucket: Optional[int] = None  # None: 32 on CPU, 256 elsewhere
+    attention_block: Optional[int] = 64  # where the step attends with flex_attention (see __init__); None: never
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -110,6 +144,12 @@ class CompiledDecodeStep:
         self._step: Callable = torch.compile(self._module.forward, mode="reduce-overhead" if self.device.type == "cuda" else None)
         # On CPU: "CPP" (the template), widened to "CPP,ATEN" when it cannot do every matmul; "" for oneDNN's.
         self._gemm_backends = "" if _onednn_matmuls(model) else "CPP"
+        # With oneDNN's matmuls (float32), attention by flex_attention: each row reads its own keys only, not
+        # every key up to the longest row's. Under max-autotune (the GEMM template) inductor's flex template
+        # refuses the step's fused output conversion, and in bfloat16 it was no faster than SDPA's math form.
+        block = self.attention_block
+        if block and self.device.type == "cpu" and not self._gemm_backends and model.params.max_seq_len - 1 > block:
+            self._module.attention_block = block
         self._key_slots: Dict[int, torch.Tensor] = {}
         # Ahead of time, kept on disk: CPU in one process only (see the module docstring).
         single = self.device.type == "cpu" and model_parallel_world_size() == 1
@@ -123,6 +163,8 @@ class CompiledDecodeStep:
         # the compiler (the whole cache, a contiguous slice, would be compiled again).
         max_len = self.model.params.max_seq_len
         if kv_len < max_len:
+            # export guards flex_attention's block mask as having two blocks or more (one would be another graph)
+            kv_len = max(kv_len, (self._module.attention_block or 0) + 1)
             kv_len = min(max_len - 1, -(-kv_len // self.kv_bucket) * self.kv_bucket)
         if kv_len not in self._key_slots:
             self._key_slots[kv_len] = torch.empty(kv_len, device=self.device)
@@ -171,10 +213,16 @@ class CompiledDecodeStep:
                 logger.warning("compiling the decode step ahead of time failed (%s); compiling it in this process instead", error)
                 self._package_dir = None
             else:
-                return package(tokens, positions, key_slots, *self._cache_tensors())
+                return package(tokens, positions, key_slots, self._row_ends(positions), *self._cache_tensors())
         tokens, positions = self._one_graph_rows(tokens, positions)
         with self._inductor_options():
-            return self._step(tokens, positions, key_slots)
+            return self._step(tokens, positions, key_slots, self._row_ends(positions))
+
+    def _row_ends(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each row's position (the last key it attends), padded to one entry per cache slot (row_block_mask)."""
+        ends = positions.new_zeros(self.model.cache_shape[0])
+        ends[: positions.shape[0]] = positions[:, 0]
+        return ends
 
     def _one_graph_rows(self, tokens: torch.Tensor, positions: torch.Tensor):
         """The step's inputs for torch.compile, which specialises a size of 1: a batch of one gets a second row (in
@@ -198,19 +246,21 @@ class CompiledDecodeStep:
             # The sizes that vary are the ones _one_graph_rows marks dynamic for torch.compile; exported from an
             # example of several rows, the package serves a single row as it is (no padding row).
             batch = {0: torch.export.Dim("batch", min=1, max=slots)} if slots >= 2 else None
-            keys = {0: torch.export.Dim("keys", min=2, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
+            min_keys = max(2, (self._module.attention_block or 0) + 1)  # _key_slots_for
+            keys = {0: torch.export.Dim("keys", min=min_keys, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
-                        "gemm": self._gemm_backends}
+                        "gemm": self._gemm_backends, "attention_block": self._module.attention_block}
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)
                 tokens = tokens.new_zeros(rows, 1)
                 positions = positions.new_full((rows, 1), max_len - 1)
-            cache = self._cache_tensors()
+            cache, row_ends = self._cache_tensors(), self._row_ends(positions)
             # Exported without its cache buffers: the inputs stand in for them.
             with _layer_caches(self.model, [None] * len(self.model.layers)):
                 self._package = compile_cache.load_or_compile(
-                    self._module, (tokens, positions, key_slots, *cache), (batch, batch, keys, (None,) * len(cache)),
+                    self._module, (tokens, positions, key_slots, row_ends, *cache),
+                    (batch, batch, keys, None, (None,) * len(cache)),
                     self._cpu_configs(), path
                 )
             self._package_for = made_for

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 @dataclass
@@ -223,11 +224,18 @@ class Attention(nn.Module):
             q, k = apply_rope(q, at.rope), apply_rope(k, at.rope)
             self.cache.write(at.write_slots, at.positions, k, v)
             keys, values = self.cache.read(at.slots, bsz, at.kv_len)
-            # Without a mask, the queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=at.mask, is_causal=at.mask is None and seqlen > 1,
-                enable_gqa=self.n_local_kv_heads != self.n_local_heads,
-            )
+            gqa = self.n_local_kv_heads != self.n_local_heads
+            if at.block_mask is not None:
+                # Blocks of keys the mask rules out are never read. The query is scaled first: inductor's CPU
+                # template for flex_attention takes it as a plain buffer, not the rotary embedding's output.
+                out = flex_attention(q.transpose(1, 2) * self.head_dim ** -0.5, keys, values, block_mask=at.block_mask,
+                                     scale=1.0, enable_gqa=gqa)
+            else:
+                # Without a mask, the queries are a prompt from position 0: is_causal lets SDPA pick its fused kernels.
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys, values, attn_mask=at.mask, is_causal=at.mask is None and seqlen > 1,
+                    enable_gqa=gqa,
+                )
             outs.append(out.transpose(1, 2).reshape(bsz * seqlen, self.n_local_heads * self.head_dim))
         return self.wo(_cat(outs))
 
@@ -333,7 +341,7 @@ class Transformer(nn.Module):
         """Several forward calls' worth of tokens in one: each Part is what forward() takes, and gets what
         forward() would return. The parts' rows share every matmul (one read of the weights) and attend within
         their own part, so a step's prompt chunks and its one-token decode rows run together."""
-        ats = [self._positions(p.tokens, p.start_pos, p.slots, p.kv_len) for p in parts]
+        ats = [self._positions(p.tokens, p.start_pos, p.slots, p.kv_len, p.block_mask) for p in parts]
         h = self.tok_embeddings(_cat([p.tokens.reshape(-1) for p in parts]))
         for layer in self.layers:
             h = layer(h, ats)
@@ -350,7 +358,7 @@ class Transformer(nn.Module):
         sizes = [hp.shape[0] * hp.shape[1] for hp in picked]
         return [out.view(*hp.shape[:2], out.shape[-1]) for out, hp in zip(_split(logits, sizes), picked)]
 
-    def _positions(self, tokens: torch.Tensor, start_pos, slots, kv_len) -> "Positions":
+    def _positions(self, tokens: torch.Tensor, start_pos, slots, kv_len, block_mask=None) -> "Positions":
         if self.cache_shape is None:
             raise ValueError("the model has no KV cache: call model.setup_cache() once before forward")
         n_slots, cache_len = self.cache_shape
@@ -382,7 +390,7 @@ class Transformer(nn.Module):
         if slots is None and bsz > n_slots:
             raise ValueError(f"a batch of {bsz} rows exceeds the KV cache's {n_slots} slots (max_batch_size)")
         write_slots = torch.arange(bsz, device=device) if slots is None else slots
-        return Positions(positions, write_slots, slots, kv_len, rope, mask)
+        return Positions(positions, write_slots, slots, kv_len, rope, None if block_mask is not None else mask, block_mask)
 
 
 def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -396,7 +404,12 @@ def _split(x: torch.Tensor, sizes: List[int]) -> Sequence[torch.Tensor]:
 
 @dataclass
 class Part:
-    """The arguments of one Transformer.forward call, as a part of a forward_parts call."""
+    """The arguments of one Transformer.forward call, as a part of a forward_parts call.
+
+    block_mask, if given, is a flex_attention BlockMask over the part's kv_len keys, used instead of the mask
+    by position (it must allow the same keys): the compiled CPU decode step's, with which each row reads
+    the keys up to its own position only (llama/compiled.py).
+    """
 
     tokens: torch.Tensor
     start_pos: Union[int, torch.Tensor] = 0
@@ -404,6 +417,7 @@ class Part:
     kv_len: Optional[int] = None
     last_only: bool = False
     output_index: Optional[torch.Tensor] = None
+    block_mask: Optional[BlockMask] = None
 
 
 @dataclass
@@ -415,4 +429,5 @@ class Positions:
     slots: Optional[torch.Tensor]  # None: rows are slots 0..bsz-1, read in place
     kv_len: int  # cache positions attended
     rope: torch.Tensor  # rotary angles: (seqlen, head_dim/2, 2) or (bsz, seqlen, head_dim/2, 2)
-    mask: Optional[torch.Tensor]  # True where a query may attend; None: causal or all
+    mask: Optional[torch.Tensor]  # True where a query may attend; None: causal or all (or block_mask)
+    block_mask: Optional[BlockMask] = None  # flex_attention's instead of mask (Part.block_mask)

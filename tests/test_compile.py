@@ -8,12 +8,18 @@ from llama import Llama
 from tests.conftest import REPO, check_exit, launch
 
 
+@pytest.mark.parametrize("attention_block", [8, None], ids=["flex", "sdpa"])
 @pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
-def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time):
+def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time,
+                                                          attention_block):
+    import llama.compiled
     from llama.compiled import CompiledDecodeStep
 
-    # Attend to the cache in steps of 8 positions: lengths 8, 16, 24 and 32 are all met below.
+    # Attend to the cache in steps of 8 positions: lengths 8 (SDPA only), 16, 24 and 32 are all met below.
     monkeypatch.setattr(CompiledDecodeStep, "kv_bucket", 8)
+    # flex_attention in blocks of 8 keys (6 in the cache), on oneDNN's matmuls whatever this CPU (as on AVX-512).
+    monkeypatch.setattr(CompiledDecodeStep, "attention_block", attention_block)
+    monkeypatch.setattr(llama.compiled, "_onednn_matmuls", lambda model: True)
     monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path) if ahead_of_time else "off")
     packages = []
     compile_package = torch._inductor.aoti_compile_and_package
@@ -39,6 +45,7 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     # Streaming goes through the same compiled step.
     streamed = "".join(compiled.stream_text_completion("Hello world", max_gen_len=8, temperature=0))
     assert streamed == eager.text_completion(["Hello world"], max_gen_len=8, temperature=0)[0]["generation"]
+    assert compiled.engine._decode._module.attention_block == attention_block
     # Every decode step of every call, at every batch size and attended length, ran the one graph compiled first.
     if not ahead_of_time:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not packages
@@ -57,6 +64,25 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     again = build(True)
     assert again.generate(prompts, max_gen_len=28, temperature=0)[0] == expected[0]
     assert len(packages) == 1
+
+
+def test_row_block_mask_reads_each_rows_keys_only():
+    """The decode step's flex_attention mask: each row attends the keys up to its own position (as SDPA with the mask
+    by position does), and lists no block of keys past it, so those are never read."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from llama.compiled import row_block_mask
+
+    kv_len, block = 40, 8
+    ends = torch.tensor([0, 7, 8, 20, 46, 3])  # one per cache slot; the last slot has no row in this step
+    mask = row_block_mask(ends, 5, kv_len, block)
+    reads = (mask.kv_num_blocks + mask.full_kv_num_blocks).flatten().tolist()
+    assert reads == [1, 1, 2, 3, 5]  # ceil((end + 1) / block), the end clamped to kv_len - 1
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 2, n, 16, generator=g) for n in (1, kv_len, kv_len))
+    by_position = (torch.arange(kv_len) <= ends[:5, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=by_position)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), expected)
 
 
 def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tokenizer_path):
