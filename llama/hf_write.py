@@ -73,19 +73,7 @@ def save_hf(
 
     out = Path(out_dir)
     state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    if "tok_embeddings.weight" not in state:
-        raise ValueError("state has no tok_embeddings.weight")
-    vocab_size = params.get("vocab_size", -1)
-    embed_rows = state["tok_embeddings.weight"].shape[0]
-    if vocab_size in (-1, None):
-        vocab_size = embed_rows
-    elif vocab_size != embed_rows:
-        raise ValueError(f"params vocab_size={vocab_size} but tok_embeddings.weight has {embed_rows} rows")
-    dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) != 1:
-        raise ValueError(f"state mixes dtypes {sorted(map(str, dtypes))}; convert it to one dtype first")
-    config = config_from_params(params, vocab_size, dtypes.pop(), max_position_embeddings)
-    params_from_config(config, "the config to write")  # refuses what a Llama config cannot express
+    config = _checked_config(state, params, max_position_embeddings)
     head_dim = config["head_dim"]
 
     keys = sorted(state, key=_hf_order)
@@ -94,17 +82,7 @@ def save_hf(
         if rotary_kind(key) is not None and state[key].shape[0] % head_dim:
             raise ValueError(f"{key} has {state[key].shape[0]} rows, not whole heads of {head_dim}")
 
-    def nbytes(key: str) -> int:
-        return state[key].numel() * state[key].element_size()
-
-    shards: List[List[str]] = [[]]
-    size = 0
-    for key in keys:
-        if shards[-1] and size + nbytes(key) > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes(key)
+    shards = _shards(state, keys, max_shard_bytes)
 
     def stored(key: str) -> torch.Tensor:
         """The tensor as Hugging Face stores it: its own contiguous CPU copy (safetensors refuses shared memory)."""
@@ -124,8 +102,43 @@ def save_hf(
         save_file({hf_names[key]: stored(key) for key in shard}, str(out / file), metadata={"format": "pt"})
         weight_map.update({hf_names[key]: file for key in shard})
     if len(shards) > 1:
-        total = sum(nbytes(key) for key in keys)
+        total = sum(_nbytes(state[key]) for key in keys)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _checked_config(state: Dict[str, torch.Tensor], params: dict, max_position_embeddings: int) -> dict:
+    """config.json for state and params; ValueError where they disagree or a Llama config cannot express them."""
+    if "tok_embeddings.weight" not in state:
+        raise ValueError("state has no tok_embeddings.weight")
+    vocab_size = params.get("vocab_size", -1)
+    embed_rows = state["tok_embeddings.weight"].shape[0]
+    if vocab_size in (-1, None):
+        vocab_size = embed_rows
+    elif vocab_size != embed_rows:
+        raise ValueError(f"params vocab_size={vocab_size} but tok_embeddings.weight has {embed_rows} rows")
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"state mixes dtypes {sorted(map(str, dtypes))}; convert it to one dtype first")
+    config = config_from_params(params, vocab_size, dtypes.pop(), max_position_embeddings)
+    params_from_config(config, "the config to write")  # refuses what a Llama config cannot express
+    return config
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _shards(state: Dict[str, torch.Tensor], keys: List[str], max_shard_bytes: int) -> List[List[str]]:
+    """keys in order, cut into files of at most max_shard_bytes (a larger tensor gets a file of its own)."""
+    shards: List[List[str]] = [[]]
+    size = 0
+    for key in keys:
+        if shards[-1] and size + _nbytes(state[key]) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += _nbytes(state[key])
+    return shards

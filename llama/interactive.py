@@ -150,26 +150,10 @@ def run_chat(
         if not text:
             continue
 
-        command, argument = (text.split(maxsplit=1) + [""])[:2]
-        if command == "/exit":
+        handled = _run_command(text, history, notify)
+        if handled == "exit":
             break
-        if command == "/reset":
-            history.clear()
-            notify("[conversation cleared]")
-            continue
-        if command == "/system":
-            if _has_special_tags(argument):
-                notify(f"[the system prompt may not contain {', '.join(SPECIAL_TAGS)}; nothing changed]")
-                continue
-            history.set_system(argument or None)
-            notify("[system prompt set; conversation cleared]" if argument else "[system prompt removed; conversation cleared]")
-            continue
-        if command == "/help":
-            for name, meaning in COMMANDS.items():
-                notify(f"  {name}: {meaning}")
-            continue
-        if command.startswith("/") and command[1:].isalpha():
-            notify(f"[unknown command {command}; commands: {' '.join(COMMANDS)}]")
+        if handled:
             continue
         if _has_special_tags(text):
             notify(f"[{UNSAFE_ERROR} Message skipped]")
@@ -192,6 +176,31 @@ def run_chat(
         if reply is not None:
             history.add(text, reply)
     return history
+
+
+def _run_command(text: str, history: ChatHistory, notify: Write) -> Optional[str]:
+    """Carry out text if it is a command: "exit" for /exit, "done" for any other command (an unknown one
+    gets a notice), None when text is a message."""
+    command, argument = (text.split(maxsplit=1) + [""])[:2]
+    if command == "/exit":
+        return "exit"
+    if command == "/reset":
+        history.clear()
+        notify("[conversation cleared]")
+    elif command == "/system":
+        if _has_special_tags(argument):
+            notify(f"[the system prompt may not contain {', '.join(SPECIAL_TAGS)}; nothing changed]")
+        else:
+            history.set_system(argument or None)
+            notify("[system prompt set; conversation cleared]" if argument else "[system prompt removed; conversation cleared]")
+    elif command == "/help":
+        for name, meaning in COMMANDS.items():
+            notify(f"  {name}: {meaning}")
+    elif command.startswith("/") and command[1:].isalpha():
+        notify(f"[unknown command {command}; commands: {' '.join(COMMANDS)}]")
+    else:
+        return None
+    return "done"
 
 
 def _stream_reply(generator, dialog: Dialog, write: Write, notify: Write, catch_interrupt: bool, **sampling) -> Optional[str]:

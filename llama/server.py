@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llama import openai_api as api
+from llama.checks import check_positive_int, is_int
 from llama.request import StepOutput
 from llama.serving import EngineLoop, QueueFull, ShuttingDown
 
@@ -261,6 +262,7 @@ def main(
         prefill_chunk: The most prompt tokens read in one engine step (a long prompt takes several).
         log_level: uvicorn's and the server's log level: debug, info, warning or error.
     """
+    check_server_options(port, max_queue, prefill_chunk)  # before the weights are read
     import uvicorn
 
     from llama import Llama
@@ -289,6 +291,15 @@ def main(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
     if not serve(loop, config):
         raise OSError(f"could not serve on {host}:{port} (see the error above); choose another --port or --host")
+
+
+def check_server_options(port, max_queue, prefill_chunk) -> None:
+    """ValueError naming the first of the server's numeric options that is out of range."""
+    if not is_int(port) or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
+    if not is_int(max_queue) or int(max_queue) < 0:
+        raise ValueError(f"max_queue must be an integer >= 0 (requests that may wait beyond the free slots), got {max_queue!r}")
+    check_positive_int("prefill_chunk", prefill_chunk)
 
 
 def serve(loop: EngineLoop, config) -> bool:

@@ -486,3 +486,16 @@ def test_a_port_in_use_is_a_clear_error(tiny_checkpoints, tiny_tokenizer_path):
                               env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"error: could not serve on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+
+
+@pytest.mark.parametrize("flag, value, match", [("prefill_chunk", "0", "prefill_chunk must be a positive integer"),
+                                                ("max_queue", "-1", "max_queue must be an integer >= 0"),
+                                                ("port", "70000", "port must be an integer from 0 to 65535")])
+def test_a_bad_option_is_refused_before_the_weights_are_read(tmp_path, flag, value, match):
+    """The checkpoint folder does not exist: the option's error comes first, naming it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["--ckpt_dir", str(tmp_path / "missing"), "--tokenizer_path", str(tmp_path / "missing.model"), "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-m", "llama.server", *args, f"--{flag}", value],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert match in done.stderr
