@@ -7,6 +7,7 @@ llama.bench_serving, llama.bench_http, llama.perplexity, llama.evaluate, llama.q
   with 2. User errors are ValueError (a bad flag value, a refused argument, a CheckpointError) and OSError (a missing
   file, a full disk, a port in use, a server that cannot be reached): the library raises these for what the caller
   or the machine got wrong, and their messages say so.
+- A flag whose parameter is typed str keeps its text as typed (fire alone reads 007 as the int 7): text_flags.
 - Ctrl-C exits with 130, quietly.
 - Any other exception is a bug and keeps its traceback.
 - LLAMA_DEBUG=1 in the environment shows the full traceback of user errors and Ctrl-C too.
@@ -16,6 +17,7 @@ few seconds first, in which the launcher ends it when rank 0 failed too; it prin
 when it is still running then, when the error was its own.
 """
 
+import ast
 import functools
 import inspect
 import os
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 import typing
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 DEBUG_VARIABLE = "LLAMA_DEBUG"
 USER_ERRORS = (ValueError, OSError)
@@ -43,8 +45,11 @@ def run(component: Union[Callable, dict], **fire_kwargs: Any) -> None:
     function or a dict of commands to functions."""
     import fire
 
+    argv = fire_kwargs.pop("command", sys.argv[1:])
+    if isinstance(argv, (list, tuple)):
+        argv = text_flags(component, list(argv))
     try:
-        fire.Fire(_readable_help(component), **fire_kwargs)
+        fire.Fire(_readable_help(component), command=argv, **fire_kwargs)
     except KeyboardInterrupt as e:
         if debug():
             raise
@@ -53,6 +58,43 @@ def run(component: Union[Callable, dict], **fire_kwargs: Any) -> None:
         if debug():
             raise
         _exit(e, EXIT_USER_ERROR, f"error: {str(e) or type(e).__name__}\n(set {DEBUG_VARIABLE}=1 for the full traceback)")
+
+
+def text_flags(component: Union[Callable, dict], argv: List[str]) -> List[str]:
+    """argv with the value of each flag whose parameter is typed str (or Optional[str]) written as a Python string
+    literal, which fire hands on as that very text: fire reads a bare value as a Python literal, so an API key 007
+    became the int 7, and a folder named 2024 a number. A value already quoted as a string literal, and None, are
+    left as they are. component: a function, or a dict of commands (argv[0] names the command)."""
+    function = component
+    if isinstance(component, dict):
+        function = component.get(argv[0]) if argv else None
+    if not inspect.isfunction(function):
+        return argv
+    hints = typing.get_type_hints(function)
+    text = {name for name in inspect.signature(function).parameters if hints.get(name) in (str, Optional[str])}
+    out, i = [], 0
+    while i < len(argv):
+        key, has_value, value = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or key.replace("-", "_") not in text:
+            out.append(argv[i])
+        elif has_value:
+            out.append(f"--{key}={_string_literal(value)}")
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out += [argv[i], _string_literal(argv[i + 1])]
+            i += 1
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def _string_literal(value: str) -> str:
+    try:
+        if value == "None" or isinstance(ast.literal_eval(value), str):
+            return value
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        pass
+    return repr(value)
 
 
 def _exit(error: BaseException, code: int, message: Optional[str]) -> None:

@@ -260,9 +260,9 @@ def main(
             none when that is unset.
         max_queue: Requests that may wait beyond the free slots; one more gets HTTP 429.
         prefill_chunk: The most prompt tokens read in one engine step (a long prompt takes several).
-        log_level: uvicorn's and the server's log level: debug, info, warning or error.
+        log_level: uvicorn's and the server's log level: critical, error, warning, info, debug or trace.
     """
-    check_server_options(port, max_queue, prefill_chunk)  # before the weights are read
+    check_server_options(port, max_queue, prefill_chunk, log_level)  # before the weights are read
     import uvicorn
 
     from llama import Llama
@@ -293,8 +293,13 @@ def main(
         raise OSError(f"could not serve on {host}:{port} (see the error above); choose another --port or --host")
 
 
-def check_server_options(port, max_queue, prefill_chunk) -> None:
-    """ValueError naming the first of the server's numeric options that is out of range."""
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def check_server_options(port, max_queue, prefill_chunk, log_level) -> None:
+    """ValueError naming the first of the server's options that is out of range."""
+    if log_level not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     if not is_int(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
     if not is_int(max_queue) or int(max_queue) < 0:

@@ -7,6 +7,7 @@ import runpy
 import signal
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 
@@ -160,3 +161,32 @@ def test_every_flag_has_help_text(entry, args, capsys, monkeypatch):
     for flag, body in blocks:
         described = [line for line in body.splitlines() if not line.strip().startswith(("Type:", "Default:"))]
         assert described, f"--{flag} has no help text"
+
+
+# ---- text flags
+
+
+def _records(**seen):
+    def command(name: Optional[str] = None, folder: str = "out", count: int = 1):
+        seen.update(name=name, folder=folder, count=count)
+    return command, seen
+
+
+@pytest.mark.parametrize("argv,name,folder,count", [
+    (["--name", "007", "--count", "3"], "007", "out", 3),  # fire alone: the int 7
+    (["--name=1e3", "--folder", "2024"], "1e3", "2024", 1),  # a float, an int
+    (["--name", "'quoted'"], "quoted", "out", 1),  # already a string literal: as it is
+    (["--name", "None"], None, "out", 1),
+    (["--name", "[1, 2]", "--folder=True"], "[1, 2]", "True", 1),  # a list, a bool
+])
+def test_flags_typed_str_keep_their_text(argv, name, folder, count):
+    command, seen = _records()
+    cli.run(command, command=argv)
+    assert (seen["name"], seen["folder"], seen["count"]) == (name, folder, count)
+
+
+def test_a_dict_of_commands_keeps_the_text_of_the_named_commands_flags():
+    first, seen_first = _records()
+    second, seen_second = _records()
+    cli.run({"first": first, "second": second}, command=["second", "--folder", "0012"])
+    assert seen_second["folder"] == "0012" and not seen_first

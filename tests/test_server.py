@@ -490,7 +490,8 @@ def test_a_port_in_use_is_a_clear_error(tiny_checkpoints, tiny_tokenizer_path):
 
 @pytest.mark.parametrize("flag, value, match", [("prefill_chunk", "0", "prefill_chunk must be a positive integer"),
                                                 ("max_queue", "-1", "max_queue must be an integer >= 0"),
-                                                ("port", "70000", "port must be an integer from 0 to 65535")])
+                                                ("port", "70000", "port must be an integer from 0 to 65535"),
+                                                ("log_level", "loud", "log_level must be one of critical")])
 def test_a_bad_option_is_refused_before_the_weights_are_read(tmp_path, flag, value, match):
     """The checkpoint folder does not exist: the option's error comes first, naming it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
