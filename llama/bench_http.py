@@ -182,7 +182,7 @@ class InProcessServer:
     """llama.server's app over an EngineLoop on engine, served by uvicorn in a thread on 127.0.0.1; the engine
     steps in the main thread, as in llama.server, while serve_until() waits for a client."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, max_queue: int):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, max_queue: int, api_key: Optional[str] = None):
         import uvicorn
 
         from llama.server import create_app
@@ -193,7 +193,7 @@ class InProcessServer:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        app = create_app(self.loop, tokenizer, model_name)
+        app = create_app(self.loop, tokenizer, model_name, api_key)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.thread.start()
@@ -230,12 +230,25 @@ def _check(concurrency, arrival_rate) -> Optional[int]:
 
 
 def _server_model(url: str, api_key: Optional[str]) -> str:
+    """The first model of url's /v1/models; ValueError for an address that is not http(s), OSError naming url where
+    the server cannot be reached or refuses (with what to do)."""
     import httpx
 
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--url must start with http:// or https://, got {url!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
+    try:
+        response = httpx.get(url + "/v1/models", headers=headers, timeout=30)
+    except httpx.TransportError as error:
+        raise OSError(f"cannot reach the server at {url} ({error}); start it first, or check --url") from error
+    if response.status_code == 401:
+        raise OSError(f"the server at {url} wants an API key: pass --api_key or set LLAMA_API_KEY")
+    if response.status_code != 200:
+        raise OSError(f"{url}/v1/models answered HTTP {response.status_code}; is --url an OpenAI-compatible server?")
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise OSError(f"{url}/v1/models did not list a model; pass --model") from error
 
 
 def _keep_best(best: dict, name: str, summary: dict, *extra) -> None:
@@ -251,7 +264,8 @@ def _http_only(summary: dict, walls: List[float]) -> dict:
 
 def _run_url(url: str, model: Optional[str], api_key: Optional[str], vocab_size: int, workload: List[Request],
              warm: List[Request], limit: Optional[int], repeats: int) -> dict:
-    model = model or _server_model(url, api_key)
+    found = _server_model(url, api_key)  # checks the server is there before anything is timed
+    model = model or found
     # Untimed first, as for the server in this process: a server that compiles on its first requests is warm.
     run_http(url, model, warm, min(limit or len(warm), len(warm)), 1, api_key)
     best: dict = {}

@@ -3,6 +3,7 @@ reached by --url) that check every figure is present, finite and consistent; no 
 
 import json
 import math
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -97,3 +98,28 @@ def test_bad_arguments():
         bh.run(**SMALL, arrival_rate=-1.0)
     with pytest.raises(ValueError, match="gen_min must be at least 2"):
         bh.run(**{**SMALL, "gen_min": 1})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_url_that_is_not_a_server_is_a_clear_error():
+    with pytest.raises(ValueError, match="--url must start with http:// or https://"):
+        bh.run(**SMALL, url="127.0.0.1:8000")
+    with pytest.raises(OSError, match="cannot reach the server at http://127.0.0.1:.*start it first"):
+        bh.run(**SMALL, url=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+
+
+def test_a_server_that_wants_a_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("LLAMA_API_KEY", raising=False)
+    model = build_random_model("tiny", torch.device("cpu"), torch.float32, 30, 2)
+    tokenizer = NoTextTokenizer(model.vocab_size)
+    server = bh.InProcessServer(Engine(model, tokenizer), tokenizer, "tiny-model", max_queue=4, api_key="s3cret")
+    try:  # the key is checked before the engine is involved: nothing needs to step it
+        with pytest.raises(OSError, match="wants an API key: pass --api_key"):
+            bh.run(**SMALL, url=server.url)
+    finally:
+        server.stop()
