@@ -16,12 +16,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llama.checks import is_int
+
 Window = Tuple[int, int, int]  # (begin, end, first): tokens[begin:end] go in, tokens first..end-1 are scored
 
 
 def windows(n_tokens: int, max_seq_len: int, stride: int) -> List[Window]:
     """The windows over n_tokens tokens (token 0 is BOS and is not scored)."""
-    if not 1 <= stride <= max_seq_len:
+    if not is_int(max_seq_len) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an integer of at least 2 (a window scores the tokens after its first), "
+                         f"got {max_seq_len!r}")
+    if not is_int(stride) or not 1 <= stride <= max_seq_len:
         raise ValueError(f"stride={stride} must be between 1 and max_seq_len={max_seq_len}")
     if n_tokens < 2:
         raise ValueError("the text is empty: there is no token after BOS to score")

@@ -13,8 +13,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from llama.checks import check_positive_int
 from llama.measure import agreement
-from llama.perplexity import negative_log_likelihoods
+from llama.perplexity import negative_log_likelihoods, windows
 
 PRECISIONS = ("float32", "bfloat16", "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128")
 
@@ -96,6 +97,9 @@ def main(text: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str
 
     if not Path(str(text)).is_file():
         raise FileNotFoundError(f"--text {str(text)!r} is not a file; give the path of a text file")
+    check_positive_int("prompts", prompts)
+    check_positive_int("gen_len", gen_len)
+    windows(2, max_seq_len, stride or max(1, max_seq_len // 2))  # checks max_seq_len and stride before any model loads
     ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
     names = [p for p in (precisions.split(",") if isinstance(precisions, str) else precisions) if p]
     torch.manual_seed(0)

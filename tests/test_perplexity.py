@@ -36,6 +36,9 @@ def test_bad_windows_are_refused():
         windows(10, 8, 9)
     with pytest.raises(ValueError, match="no token after BOS"):
         windows(1, 8, 4)
+    with pytest.raises(ValueError, match="max_seq_len must be an integer of at least 2"):
+        windows(10, 1, 1)  # a window of one token scores nothing: it looped forever
+    assert windows(4, 2, 1) == [(0, 2, 1), (1, 3, 2), (2, 4, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +95,5 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "t.txt").write_text("hi")
     proc = launch(["-m", "llama.perplexity", "--text", tmp_path / "t.txt", "--max_seq_len", "8", "--stride", "9"])
     assert proc.returncode != 0 and "stride=9" in proc.stderr and "Traceback" not in proc.stderr
+    proc = launch(["-m", "llama.quality", "--text", tmp_path / "t.txt", "--prompts", "0"])
+    assert proc.returncode == 2 and "prompts must be a positive integer" in proc.stderr and "Traceback" not in proc.stderr
