@@ -158,6 +158,8 @@ def test_bad_arguments():
         bs.run(**SMALL, max_seq_len=40)
     with pytest.raises(ValueError, match=r"join_chunks\[1\] must be a positive integer"):
         bs.run(**{**SMALL, "join_chunks": (8, 0)})
+    with pytest.raises(ValueError, match=r"join_chunks must be a chunk size or a list of them"):
+        bs.run(**{**SMALL, "join_chunks": "abc"})  # fire hands on a word as text
     with pytest.raises(ValueError, match="arrival_rate"):
         bs.run(**{**SMALL, "arrival_rate": -1})
     with pytest.raises(ValueError, match="quantize='int3' is not a known scheme"):
