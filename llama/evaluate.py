@@ -6,9 +6,10 @@
 Scoring requests run as batches of full forward passes; generation requests run through the engine.
 """
 
+import difflib
 import json as _json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,17 @@ class LlamaLM(LM):
         return [done.text for done in self.generator.run_requests(specs)]
 
 
+def check_task_names(names: List[str], known: Sequence[str]) -> None:
+    """ValueError naming each of names that is neither one of lm-eval's known tasks (groups, tags) nor a YAML file,
+    with the closest known names."""
+    known_set = set(known)
+    unknown = [n for n in names if n not in known_set and not Path(n).is_file()]
+    if unknown:
+        hints = [f"{n!r} (closest: {', '.join(difflib.get_close_matches(n, known, n=3)) or 'none'})" for n in unknown]
+        raise ValueError(f"unknown lm-eval task {'; '.join(hints)}; `lm-eval ls tasks` lists them all, and "
+                         f"--include_path adds a folder of your own task YAMLs")
+
+
 def main(
     tasks: str,
     ckpt_dir: Optional[str] = None,
@@ -152,12 +164,14 @@ def main(
     if not names:
         raise ValueError("--tasks needs at least one task name, e.g. --tasks hellaswag,arc_easy")
     output = check_output_path(output, "--output")
+    task_manager = TaskManager(include_path=include_path)
+    check_task_names(names, task_manager.all_tasks)  # before the weights load
     ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             compile=compile, quantize=quantize, seed=seed)
     results = lm_eval.simple_evaluate(
         model=LlamaLM(generator), tasks=names, num_fewshot=num_fewshot, limit=limit,
-        task_manager=TaskManager(include_path=include_path), random_seed=seed, numpy_random_seed=seed,
+        task_manager=task_manager, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
     )
     if global_rank() != 0 or results is None:

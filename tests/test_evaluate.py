@@ -114,3 +114,17 @@ def test_cli_under_torchrun_reports_once(task_dir, tmp_path):
     check_exit(proc)
     assert proc.stdout.count("stories_mc") == 1 and "acc" in proc.stdout
     assert "acc,none" in json.loads(out.read_text())["results"]["stories_mc"]
+
+
+def test_an_unknown_task_is_named_with_the_closest_ones():
+    from llama.evaluate import check_task_names
+
+    check_task_names(["stories_mc"], ["stories_mc", "stories_gen"])  # known: nothing to say
+    with pytest.raises(ValueError, match=r"unknown lm-eval task 'stories_m' \(closest: stories_mc\).*lm-eval ls tasks"):
+        check_task_names(["stories_mc", "stories_m"], ["stories_mc", "hellaswag"])
+
+
+def test_cli_refuses_an_unknown_task_before_the_model_loads(task_dir):
+    proc = launch(["-m", "llama.evaluate", "--tasks", "stories_mcq", "--include_path", task_dir, "--device", "cpu"])
+    assert proc.returncode == 2 and "unknown lm-eval task 'stories_mcq' (closest: stories_mc" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Loaded" not in proc.stdout + proc.stderr
