@@ -48,13 +48,12 @@ class Engine:
         policy: str = "continuous",
         decode: Optional[Callable] = None,
     ):
-        prefill_chunk = check_positive_int("prefill_chunk", prefill_chunk)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if model.cache_shape is None:
             model.setup_cache()
         self.model, self.tokenizer = model, tokenizer
-        self.prefill_chunk, self.policy = prefill_chunk, policy
+        self.prefill_chunk, self.policy = prefill_chunk, policy  # prefill_chunk: checked by its setter
         self._decode = decode or self._eager_decode
         self._ids = itertools.count()
         self._waiting: deque = deque()  # (id, spec), in arrival order
@@ -66,6 +65,16 @@ class Engine:
         self.stop_token_ids: Tuple[int, ...] = ()
         self._seen: Optional[torch.Tensor] = None  # (slots, vocab): tokens in each sequence, for repetition penalties
         self._counts: Optional[torch.Tensor] = None  # (slots, vocab): tokens each request generated, for OpenAI's penalties
+
+    @property
+    def prefill_chunk(self) -> int:
+        """The most prompt tokens fed in one step, across requests; may be changed between steps."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int) -> None:
+        # 0 would feed no prompt token ever: admitted requests would wait forever.
+        self._prefill_chunk = check_positive_int("prefill_chunk", value)
 
     @property
     def device(self) -> torch.device:

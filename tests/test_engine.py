@@ -144,6 +144,10 @@ def test_bad_requests_are_refused_before_anything_runs(tokenizer):
         with pytest.raises(ValueError, match=match):
             engine.add_request(*args, **kwargs)
     assert engine.num_waiting == 0 and engine.num_running == 1
+    for chunk in (0, -4, 2.5, True):  # the server sets it after building; 0 fed no prompt token ever
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+            engine.prefill_chunk = chunk
+    assert engine.prefill_chunk == 512
     assert finished(run(engine))[running].completion.tokens == [21, 22, 23, 24, 25]
 
 
