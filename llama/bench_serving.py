@@ -226,7 +226,7 @@ def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk
         raise ValueError(f"gen_min must be at least 2 (an inter-token latency needs two tokens), got {gen_range[0]}")
     if arrival_rate is not None and (isinstance(arrival_rate, bool) or not isinstance(arrival_rate, (int, float)) or arrival_rate < 0):
         raise ValueError(f"arrival_rate must be a number >= 0 (0 or None: no Poisson run), got {arrival_rate!r}")
-    if isinstance(join_chunks, str) or (join_chunks is not None and not isinstance(join_chunks, (int, list, tuple))):
+    if join_chunks is not None and not isinstance(join_chunks, (int, list, tuple)):  # a word comes as a str
         raise ValueError(f"join_chunks must be a chunk size or a list of them, e.g. [64,512] ([] for no join test), "
                          f"got {join_chunks!r}")
     chunks = [join_chunks] if isinstance(join_chunks, int) else list(join_chunks or [])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 
 from llama.generation import Llama
-from llama.perplexity import negative_log_likelihoods
+from llama.perplexity import default_stride, negative_log_likelihoods
 from llama.sampling import SamplingParams
 
 
@@ -79,7 +79,7 @@ class LlamaLM(LM):
             if len(tokens) < 2:
                 out.append(0.0)
                 continue
-            nll = negative_log_likelihoods(self._forward, tokens, self.max_seq_len, max(1, self.max_seq_len // 2),
+            nll = negative_log_likelihoods(self._forward, tokens, self.max_seq_len, default_stride(self.max_seq_len),
                                            self.batch_size, self.generator.device)
             out.append(-nll.sum().item())
         return out

@@ -102,7 +102,7 @@ def save_hf(
         save_file({hf_names[key]: stored(key) for key in shard}, str(out / file), metadata={"format": "pt"})
         weight_map.update({hf_names[key]: file for key in shard})
     if len(shards) > 1:
-        total = sum(_nbytes(state[key]) for key in keys)
+        total = sum(state[key].nbytes for key in keys)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -127,18 +127,14 @@ def _checked_config(state: Dict[str, torch.Tensor], params: dict, max_position_e
     return config
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _shards(state: Dict[str, torch.Tensor], keys: List[str], max_shard_bytes: int) -> List[List[str]]:
     """keys in order, cut into files of at most max_shard_bytes (a larger tensor gets a file of its own)."""
     shards: List[List[str]] = [[]]
     size = 0
     for key in keys:
-        if shards[-1] and size + _nbytes(state[key]) > max_shard_bytes:
+        if shards[-1] and size + state[key].nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(key)
-        size += _nbytes(state[key])
+        size += state[key].nbytes
     return shards

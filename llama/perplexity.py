@@ -21,6 +21,11 @@ from llama.checks import is_int
 Window = Tuple[int, int, int]  # (begin, end, first): tokens[begin:end] go in, tokens first..end-1 are scored
 
 
+def default_stride(max_seq_len: int, stride: Optional[int] = None) -> int:
+    """stride, or when None half a window (at least 1)."""
+    return max(1, max_seq_len // 2) if stride is None else stride
+
+
 def windows(n_tokens: int, max_seq_len: int, stride: int) -> List[Window]:
     """The windows over n_tokens tokens (token 0 is BOS and is not scored)."""
     if not is_int(max_seq_len) or max_seq_len < 2:
@@ -102,7 +107,7 @@ def main(
         raise FileNotFoundError(f"--text {str(text)!r} is not a file; give the path of a text file")
     json = check_output_path(json)
     ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
-    stride = max(1, max_seq_len // 2) if stride is None else stride
+    stride = default_stride(max_seq_len, stride)
     windows(2, max_seq_len, stride)  # checks stride before the model loads
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             quantize=quantize)

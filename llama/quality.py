@@ -15,7 +15,7 @@ import torch
 
 from llama.checks import check_positive_int
 from llama.measure import agreement
-from llama.perplexity import negative_log_likelihoods, windows
+from llama.perplexity import default_stride, negative_log_likelihoods, windows
 
 PRECISIONS = ("float32", "bfloat16", "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128")
 
@@ -41,7 +41,7 @@ def measure(ckpt_dir: str, tokenizer_path: str, text: str, precisions: Sequence[
             max_batch_size: int = 8, device: Optional[str] = None) -> List[dict]:
     """One row per precision: mean NLL, perplexity, and greedy agreement with the first precision (float32), or
     the reason a precision does not apply to this model."""
-    stride = stride or max_seq_len // 2
+    stride = default_stride(max_seq_len, stride)
     rows, reference = [], None
     for precision in precisions:
         try:
@@ -99,7 +99,7 @@ def main(text: str, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str
         raise FileNotFoundError(f"--text {str(text)!r} is not a file; give the path of a text file")
     check_positive_int("prompts", prompts)
     check_positive_int("gen_len", gen_len)
-    windows(2, max_seq_len, stride or max(1, max_seq_len // 2))  # checks max_seq_len and stride before any model loads
+    windows(2, max_seq_len, default_stride(max_seq_len, stride))  # checks max_seq_len and stride before any model loads
     ckpt_dir, tokenizer_path, _ = weights_or_demo(ckpt_dir, tokenizer_path)
     names = [p for p in (precisions.split(",") if isinstance(precisions, str) else precisions) if p]
     torch.manual_seed(0)
