@@ -54,6 +54,11 @@ class Engine:
             model.setup_cache()
         self.model, self.tokenizer = model, tokenizer
         self.prefill_chunk, self.policy = prefill_chunk, policy  # prefill_chunk: checked by its setter
+        #: How many times its chunks' tokens a group of prompt chunks fed as one padded batch may hold. On CPU a
+        #: step is compute-bound and padded tokens cost as much as real ones, so chunks of different lengths go
+        #: as separate parts of the forward call (which still share every matmul); on GPUs a part's attention
+        #: kernels cost more than a few padded rows.
+        self.prompt_padding = 1.0 if self.device.type == "cpu" else 1.25
         self._decode = decode or self._eager_decode
         self._ids = itertools.count()
         self._waiting: deque = deque()  # (id, spec), in arrival order
@@ -261,7 +266,7 @@ class Engine:
         if not chunks:
             return decoding, (self._decode(*self._decode_rows(decoding))[in_slots] if decoding else torch.empty(0))
         fed = [(self._requests[i], n) for i, n in chunks]
-        groups = feeding_groups(fed, self.model.cache_shape[1])
+        groups = feeding_groups(fed, self.model.cache_shape[1], self.prompt_padding)
         parts = [self._prompt_part(group) for group in groups]
         if decoding:
             tokens, positions, kv_len = self._decode_rows(decoding)

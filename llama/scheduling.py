@@ -35,11 +35,11 @@ class Running:
         return self.fed == len(self.spec.prompt)
 
 
-def feeding_groups(chunks: List[Tuple[Running, int]], cache_len: int, waste: float = 1.25) -> List[List[Tuple[Running, int]]]:
-    """Prompt chunks (request, tokens) in groups fed by one forward call each: padded to the group's
-    longest, a group holds at most `waste` times the tokens of its chunks (one long forward beats many
-    short ones on every device). A request that scores its prompt goes alone (it needs every position's
-    logits), as does one whose padding would run past the cache's end."""
+def feeding_groups(chunks: List[Tuple[Running, int]], cache_len: int, waste: float) -> List[List[Tuple[Running, int]]]:
+    """Prompt chunks (request, tokens) in groups, each fed as one batch padded to its longest chunk (one part of
+    the step's forward call, with one attention call per layer): a group holds at most `waste` times the tokens
+    of its chunks (1.0: only chunks of equal length go together). A request that scores its prompt goes alone
+    (it needs every position's logits), as does one whose padding would run past the cache's end."""
     groups: List[List[Tuple[Running, int]]] = []
     for request, n in sorted(chunks, key=lambda c: -c[1]):
         group = groups[-1] if groups else None

@@ -207,8 +207,8 @@ def test_chunked_prefill_equals_whole_prompt_prefill(tiny_checkpoints, tiny_toke
 
 
 def test_prompt_chunks_fed_together_equal_each_fed_alone(tiny_checkpoints, tiny_tokenizer_path):
-    """Chunks of similar lengths go through one padded forward call (a mid-prompt one too); each request
-    gets the greedy tokens and logprobs it gets alone."""
+    """Chunks of similar lengths go through one padded forward call (a mid-prompt one too), as they do on GPUs;
+    each request gets the greedy tokens and logprobs it gets alone."""
     llama = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 4, device="cpu")
     prompts = [[1] + list(range(10 + 20 * i, 10 + 20 * i + n)) for i, n in enumerate((11, 10, 9, 8))]  # 12, 11, 10, 9 tokens
     alone = [llama.generate([p], max_gen_len=8, temperature=0, logprobs=True) for p in prompts]
@@ -220,7 +220,10 @@ def test_prompt_chunks_fed_together_equal_each_fed_alone(tiny_checkpoints, tiny_
         return forward_parts(parts)
 
     llama.model.forward_parts = recording
-    batched = Llama(llama.model, llama.tokenizer, prefill_chunk=24).generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
+    batched = Llama(llama.model, llama.tokenizer, prefill_chunk=24)
+    assert batched.engine.prompt_padding == 1.0  # on CPU: no padding (each chunk a part of its own)
+    batched.engine.prompt_padding = 1.25
+    batched = batched.generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
     # Step 1: 12 and 11 tokens together, 1 alone (too short to pad); step 2: 9 (from position 1) and 9 together.
     assert together == [[11, 10], [8, 8]]
     for i, (tokens, logprobs) in enumerate(alone):
