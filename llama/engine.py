@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.checks import check_positive_int, is_int
+from llama.checks import as_float, check_positive_int, is_int
 from llama.request import Completion, RequestSpec, StepOutput, check_prompt, check_stop_token_ids
 from llama.model import Part
 from llama.sampling import SamplingParams, check_max_gen_len, next_tokens
@@ -54,11 +54,7 @@ class Engine:
             model.setup_cache()
         self.model, self.tokenizer = model, tokenizer
         self.prefill_chunk, self.policy = prefill_chunk, policy  # prefill_chunk: checked by its setter
-        #: How many times its chunks' tokens a group of prompt chunks fed as one padded batch may hold. On CPU a
-        #: step is compute-bound and padded tokens cost as much as real ones, so chunks of different lengths go
-        #: as separate parts of the forward call (which still share every matmul); on GPUs a part's attention
-        #: kernels cost more than a few padded rows.
-        self.prompt_padding = 1.0 if self.device.type == "cpu" else 1.25
+        self.prompt_padding = 1.0 if self.device.type == "cpu" else 1.25  # checked by its setter
         self._decode = decode or self._eager_decode
         self._ids = itertools.count()
         self._waiting: deque = deque()  # (id, spec), in arrival order
@@ -80,6 +76,21 @@ class Engine:
     def prefill_chunk(self, value: int) -> None:
         # 0 would feed no prompt token ever: admitted requests would wait forever.
         self._prefill_chunk = check_positive_int("prefill_chunk", value)
+
+    @property
+    def prompt_padding(self) -> float:
+        """How many times its chunks' tokens a group of prompt chunks fed as one padded batch may hold (1.0: only
+        chunks of one length go together). On CPU a step is compute-bound and padded tokens cost as much as real
+        ones, so chunks of different lengths go as separate parts of the forward call (which still share every
+        matmul); on GPUs a part's attention kernels cost more than a few padded rows."""
+        return self._prompt_padding
+
+    @prompt_padding.setter
+    def prompt_padding(self, value: float) -> None:
+        padding = as_float(value)
+        if padding is None or not 1.0 <= padding < float("inf"):
+            raise ValueError(f"prompt_padding must be a finite number of at least 1.0, got {value!r}")
+        self._prompt_padding = padding
 
     @property
     def device(self) -> torch.device:

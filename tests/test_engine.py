@@ -148,6 +148,10 @@ def test_bad_requests_are_refused_before_anything_runs(tokenizer):
         with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
             engine.prefill_chunk = chunk
     assert engine.prefill_chunk == 512
+    for padding in (0.5, float("nan"), float("inf"), "1.25", None):
+        with pytest.raises(ValueError, match="prompt_padding must be a finite number of at least 1.0"):
+            engine.prompt_padding = padding
+    assert engine.prompt_padding == 1.0
     assert finished(run(engine))[running].completion.tokens == [21, 22, 23, 24, 25]
 
 
