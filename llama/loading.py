@@ -18,7 +18,7 @@ from llama.checkpoint import (CheckpointError, CheckpointReader, MetaCheckpoint,
                               load_weights, rank_plan)
 from llama.distributed import model_parallel_rank, model_parallel_world_size
 from llama.hf import HFCheckpoint
-from llama.model import check_memory
+from llama.memory import check_memory
 
 
 def open_checkpoint(ckpt_dir: Path) -> Tuple[CheckpointReader, dict]:
@@ -84,7 +84,7 @@ class BuildSource:
         """Load this model-parallel rank's weights into model (built, and parallelized, on the meta device):
         a quantized directory as stored, else the reader's tensors, quantized as they load with a scheme.
         First checks that the KV cache of the model's max_batch_size and max_seq_len will fit on device
-        (llama.model.check_memory). Returns the bytes read."""
+        (llama.memory.check_memory). Returns the bytes read."""
         world, rank = model_parallel_world_size(), model_parallel_rank()
         # The KV cache is allocated after the weights: a size that cannot fit fails now, not after the reading.
         check_memory(model.params, device, dtype, model.layers[0].attention.n_local_kv_heads if model.layers else None)

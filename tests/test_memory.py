@@ -45,7 +45,7 @@ def test_a_kv_cache_beyond_memory_is_refused_before_the_weights_load(tiny_checkp
 
 def test_a_rotary_table_beyond_memory_is_refused_before_it_is_built(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
     """The table holds 2 * max_seq_len positions on the CPU: max_seq_len=10**7 took gigabytes on a tiny model."""
-    monkeypatch.setattr("llama.model.available_memory", lambda device: 50_000_000)
+    monkeypatch.setattr("llama.memory.available_memory", lambda device: 50_000_000)
     # 2 * 10**6 positions x 8 frequencies x cos, sin x 4 bytes: 128 MB.
     with pytest.raises(ValueError, match=r"max_seq_len=1000000 needs a rotary table of 128.00 MB on cpu, but it has "
                                          r"50.00 MB available; lower max_seq_len \(at most 390625 fits\)"):
@@ -55,11 +55,11 @@ def test_a_rotary_table_beyond_memory_is_refused_before_it_is_built(tiny_checkpo
 
 
 def test_the_sizes_said_to_fit_do(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
-    from llama.model import kv_cache_bytes
+    from llama.memory import kv_cache_bytes
 
     ckpt = tiny_checkpoints[(2, 1)]
     per_slot = kv_cache_bytes(2, 1, 2, 1000, 16, torch.float32)  # 2 layers, 2 kv heads of 16, 1000 positions
-    monkeypatch.setattr("llama.model.available_memory", lambda device: 10 * per_slot + per_slot // 2)
+    monkeypatch.setattr("llama.memory.available_memory", lambda device: 10 * per_slot + per_slot // 2)
     with pytest.raises(ValueError, match=r"lower max_batch_size \(at most 10 fits with max_seq_len=1000\) or "
                                          r"max_seq_len \(at most 954 fits with max_batch_size=11\)"):
         build(ckpt, tiny_tokenizer_path, 1000, 11)
