@@ -3,7 +3,7 @@
     python -m llama.bench_http --url http://127.0.0.1:8000 --concurrency 16          # a running server
     python -m llama.bench_http --shape 134M --device cpu --dtype float32 --max_batch_size 8 --concurrency 16
 
-The workload is llama.bench_serving's (make_workload: --requests requests of random token ids, prompt
+The workload is llama.bench_serving's (llama.workload.make_workload: --requests requests of random token ids, prompt
 lengths uniform in [prompt_min, prompt_max], max_tokens uniform in [gen_min, gen_max], seeded), sent
 as streaming completions (token-id prompts, temperature 0) through httpx.AsyncClient, either
 --concurrency at a time (closed loop: a client sends its next request when its reply ends) or, with
@@ -37,7 +37,7 @@ from typing import List, Optional
 import torch
 
 from llama import bench_serving as bs
-from llama.bench_serving import GREEDY, Request, Trace, make_workload, summarize
+from llama.workload import GREEDY, Request, Trace, drive, make_workload, summarize
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
@@ -113,7 +113,7 @@ async def _send_all(url: str, model: str, workload: List[Request], concurrency: 
 
 
 def http_trace(replies: List[Reply], wall: float, tokens: Optional[List[List[int]]] = None) -> Trace:
-    """The replies as a bench_serving Trace, for its summarize(): arrivals are the send times, token times
+    """The replies as a llama.workload Trace, for its summarize(): arrivals are the send times, token times
     the text chunks' times, and tokens the ids when known (else usage's count of stand-ins, -1)."""
     trace = Trace([r.sent for r in replies])
     trace.token_times = [r.chunk_times for r in replies]
@@ -124,7 +124,7 @@ def http_trace(replies: List[Reply], wall: float, tokens: Optional[List[List[int
 
 def run_http(url: str, model: str, workload: List[Request], concurrency: Optional[int], slots: int,
              api_key: Optional[str] = None) -> tuple:
-    """Send the workload; its summary (as bench_serving's summarize, with the CPU time this process spent)
+    """Send the workload; its summary (as llama.workload's summarize, with the CPU time this process spent)
     and the replies."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     cpu = time.process_time()
@@ -302,8 +302,8 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
             send = lambda: server.serve_until(client.submit(run_http, server.url, name, workload, limit, slots))  # noqa: E731
             (summary, replies), seen = measured(served, threads, send)
             _keep_best(best, "http", {**summary, **seen}, replies)
-            drive = (lambda: drive_closed_loop(direct, workload, limit)) if limit else (lambda: bs.drive(direct, workload))
-            trace, seen = measured(direct, {"engine": threading.main_thread().native_id}, drive)
+            run_direct = (lambda: drive_closed_loop(direct, workload, limit)) if limit else (lambda: drive(direct, workload))
+            trace, seen = measured(direct, {"engine": threading.main_thread().native_id}, run_direct)
             _keep_best(best, "engine", {**summarize(trace, slots), **seen}, trace.tokens)
     finally:
         client.shutdown()

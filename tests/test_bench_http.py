@@ -13,9 +13,9 @@ pytest.importorskip("httpx", reason="the HTTP benchmark needs the server-test ex
 pytest.importorskip("uvicorn", reason="the HTTP benchmark needs the server-test extra: pip install -e '.[server-test]'")
 
 from llama import bench_http as bh  # noqa: E402
-from llama import bench_serving as bs  # noqa: E402
 from llama.engine import Engine  # noqa: E402
 from llama.random_model import NoTextTokenizer, build_random_model  # noqa: E402
+from llama.workload import drive, make_workload  # noqa: E402
 from tests.conftest import check_exit, launch  # noqa: E402
 
 SMALL = dict(shape="tiny", device="cpu", max_batch_size=3, requests=6, prompt_min=4, prompt_max=20, gen_min=2, gen_max=10)
@@ -33,7 +33,7 @@ def _check(s: dict, gen_tokens: int) -> None:
 def test_closed_loop_keeps_at_most_concurrency_requests_in_the_engine():
     model = build_random_model("tiny", torch.device("cpu"), torch.float32, 64, 4)
     engine = Engine(model, NoTextTokenizer(model.vocab_size))
-    workload = bs.make_workload(7, (4, 12), (2, 6), model.vocab_size, seed=1)
+    workload = make_workload(7, (4, 12), (2, 6), model.vocab_size, seed=1)
     trace = bh.drive_closed_loop(engine, workload, concurrency=2)
     assert [len(t) for t in trace.tokens] == [r.max_gen_len for r in workload]
     assert max(trace.running) == 2 and trace.arrivals == sorted(trace.arrivals)
@@ -41,13 +41,13 @@ def test_closed_loop_keeps_at_most_concurrency_requests_in_the_engine():
     ends = sorted(times[-1] for times in trace.token_times)
     assert all(trace.arrivals[i + 2] >= ends[i] for i in range(5))
     # The same tokens as bench_serving's open-loop driver (greedy, EOS off).
-    assert trace.tokens == bs.drive(Engine(model, NoTextTokenizer(model.vocab_size)), workload).tokens
+    assert trace.tokens == drive(Engine(model, NoTextTokenizer(model.vocab_size)), workload).tokens
 
 
 @pytest.mark.parametrize("mode", [dict(concurrency=2), dict(arrival_rate=40.0)])
 def test_in_process_run_reports_http_and_engine_figures(mode, capsys):
     r = bh.main(**SMALL, **mode)
-    gen = sum(x.max_gen_len for x in bs.make_workload(6, (4, 20), (2, 10), 512, seed=0))
+    gen = sum(x.max_gen_len for x in make_workload(6, (4, 20), (2, 10), 512, seed=0))
     assert r["gen_tokens"] == gen
     _check(r["http"], gen)
     _check(r["engine"], gen)
@@ -85,7 +85,7 @@ def test_cli_against_a_running_server(tmp_path):
     r = json.loads(out.read_text())
     assert r["model"] == "tiny-model" and "engine" not in r
     assert next(engine._ids) == 2 * 2 + 2 * 6  # the untimed warm-up (2 * max_batch_size requests), then two runs of 6
-    gen = sum(x.max_gen_len for x in bs.make_workload(6, (4, 20), (2, 10), 512, seed=0))
+    gen = sum(x.max_gen_len for x in make_workload(6, (4, 20), (2, 10), 512, seed=0))
     _check(r["http"], gen)
     assert len(r["http"]["walls_s"]) == 2 and r["http"]["wall_s"] == min(r["http"]["walls_s"])
     assert "3 concurrent clients" in proc.stdout and "model tiny-model" in proc.stdout and "{" not in proc.stdout

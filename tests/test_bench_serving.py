@@ -1,4 +1,4 @@
-"""python -m llama.bench_serving: the measuring helpers against direct formulas, and smoke runs on the
+"""python -m llama.bench_serving: percentiles against a direct formula, and smoke runs on the
 tiny shape on the CPU that check every reported figure is present, finite and consistent (no timing
 assertions)."""
 
@@ -7,12 +7,10 @@ import math
 import random
 
 import pytest
-import torch
 
 from llama import bench_serving as bs
-from llama.engine import Engine
+from llama.workload import make_workload
 from llama.measure import percentile
-from llama.random_model import NoTextTokenizer, build_random_model
 from tests.conftest import check_exit, launch
 
 SMALL = dict(shape="tiny", device="cpu", max_batch_size=3, requests=6, prompt_min=4, prompt_max=20, gen_min=2,
@@ -37,57 +35,6 @@ def test_percentile_is_linear_interpolation_between_ranks():
         percentile([], 50)
 
 
-def test_occupancy_and_inter_token_latencies():
-    running = [3, 3, 2, 1, 3]
-    assert bs.mean_occupancy(running, 4) == pytest.approx((3 + 3 + 2 + 1 + 3) / (5 * 4))
-    assert bs.inter_token_latencies([0.5, 0.75, 1.5]) == [0.25, 0.75]
-    assert bs.inter_token_latencies([0.5]) == []
-
-
-def test_workload_is_seeded_within_ranges_and_arrives_as_a_poisson_process():
-    offline = bs.make_workload(2000, (16, 256), (16, 128), 512, seed=3)
-    assert offline == bs.make_workload(2000, (16, 256), (16, 128), 512, seed=3)
-    assert {r.arrival for r in offline} == {0.0}
-    lengths, gens = [len(r.prompt) for r in offline], [r.max_gen_len for r in offline]
-    assert min(lengths) == 16 and max(lengths) == 256 and min(gens) == 16 and max(gens) == 128
-    assert all(0 <= t < 512 for r in offline[:50] for t in r.prompt)
-    arriving = bs.make_workload(2000, (16, 256), (16, 128), 512, seed=3, arrival_rate=4.0)
-    # The same requests, arriving over time: gaps exponential with mean 1/4 s (sd of the mean: 0.25/sqrt(2000)).
-    assert [(r.prompt, r.max_gen_len) for r in arriving] == [(r.prompt, r.max_gen_len) for r in offline]
-    gaps = [b.arrival - a.arrival for a, b in zip(arriving, arriving[1:])]
-    assert min(gaps) >= 0 and sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.1)
-
-
-def _engine(slots=2, policy="continuous", max_seq_len=64):
-    model = build_random_model("tiny", torch.device("cpu"), torch.float32, max_seq_len, slots)
-    return Engine(model, NoTextTokenizer(model.vocab_size), policy=policy)
-
-
-def test_drive_records_tokens_times_and_occupancy():
-    # Two requests filling both slots from the first step: every step runs both, so occupancy is 1.
-    workload = [bs.Request(0.0, [1, 2, 3, 4], 5), bs.Request(0.0, [5, 6, 7, 8], 5)]
-    trace = bs.drive(_engine(), workload)
-    assert [len(t) for t in trace.tokens] == [5, 5] and trace.running == [2] * 5
-    s = bs.summarize(trace, 2)
-    assert s["steps"] == 5 and s["occupancy_mean"] == 1.0 and s["generated_tokens"] == 10
-    assert s["throughput_tok_s"] == pytest.approx(10 / trace.wall_s)
-    # Both got their first token from the first step, and every later token a step after the one before.
-    assert trace.token_times[0] == trace.token_times[1] and sorted(set(trace.token_times[0])) == trace.token_times[0]
-    assert s["ttft_p50_s"] == trace.token_times[0][0]
-    itl = bs.inter_token_latencies(trace.token_times[0])
-    assert s["itl_p50_s"] == pytest.approx(percentile(itl + itl, 50))
-
-
-def test_drive_adds_a_request_once_its_arrival_time_has_passed():
-    workload = [bs.Request(0.0, [1, 2, 3], 3), bs.Request(0.3, [4, 5, 6], 3)]
-    trace = bs.drive(_engine(), workload)
-    assert trace.token_times[1][0] >= 0.3 and trace.wall_s >= 0.3
-    s = bs.summarize(trace, 2)
-    assert 0 <= s["ttft_p50_s"] <= s["ttft_p99_s"]
-    # The first request ran alone (3 steps), the engine idled, then the second ran alone: half the slots.
-    assert trace.running == [1] * 6 and s["occupancy_mean"] == 0.5
-
-
 def _check_summary(s: dict, gen_tokens: int, requests: int) -> None:
     for key in FIGURES:
         assert s[key] is not None and math.isfinite(s[key]) and s[key] > 0, (key, s[key])
@@ -102,7 +49,7 @@ def test_run_reports_every_figure(capsys):
     r = bs.main(**SMALL, compare_hf=True)
     w = r["workload"]
     assert w["requests"] == 6 and r["max_seq_len"] == 41  # the 40-token prompt and its one token
-    workload = bs.make_workload(6, (4, 20), (2, 10), 512, seed=0)
+    workload = make_workload(6, (4, 20), (2, 10), 512, seed=0)
     assert w["gen_tokens"] == sum(x.max_gen_len for x in workload) and w["prompt_tokens"] == sum(len(x.prompt) for x in workload)
     for mode in ("offline", "poisson"):
         for policy in ("continuous", "static"):
