@@ -79,10 +79,10 @@ class Engine:
 
     @property
     def prompt_padding(self) -> float:
-        """How many times its chunks' tokens a group of prompt chunks fed as one padded batch may hold (1.0: only
-        chunks of one length go together). On CPU a step is compute-bound and padded tokens cost as much as real
-        ones, so chunks of different lengths go as separate parts of the forward call (which still share every
-        matmul); on GPUs a part's attention kernels cost more than a few padded rows."""
+        """The most tokens a group of prompt chunks fed as one padded batch may hold, as a multiple of its chunks' own
+        (1.0: only chunks of one length go together). On CPU a step is compute-bound and padded tokens cost as much
+        as real ones, so chunks of different lengths go as separate parts of the forward call (which still share
+        every matmul); on GPUs a part's attention kernels cost more than a few padded rows."""
         return self._prompt_padding
 
     @prompt_padding.setter
