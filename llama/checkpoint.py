@@ -317,7 +317,7 @@ def load_weights(model: nn.Module, plan: Dict[str, TensorSlice], source: Path, d
     state, bytes_read = {}, 0
     for key, tensor_slice in tqdm(plan.items(), desc=hook.description, unit="tensor", disable=not progress or None, leave=False):
         tensor = tensor_slice.load()
-        bytes_read += tensor.numel() * tensor.element_size()
+        bytes_read += tensor.nbytes
         if not hook.take(model, key, tensor):
             state[key] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=False)  # _check_plan made sure nothing is missing

@@ -139,13 +139,9 @@ def cpu_split(before: Dict[int, float], after: Dict[int, float], named: Dict[str
 # --- what a run reads and how close its tokens are ----------------------------------------------
 
 
-def _bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def weight_bytes(model: "Transformer") -> int:
     """The bytes of the weights as stored: quantized weights and their scales included, the KV cache not."""
-    return sum(_bytes(t) for t in model.state_dict().values())
+    return sum(t.nbytes for t in model.state_dict().values())
 
 
 def tokens_equal_share(tokens: List[List[int]], reference: List[List[int]]) -> float:
@@ -183,7 +179,7 @@ def decode_bytes_per_step(model: "Transformer", batch: int, prompt_len: int, gen
     Activations and the new cache entries written are left out (they are tiny beside these).
     """
     emb = model.tok_embeddings.weight
-    weights = weight_bytes(model) - _bytes(emb) + batch * emb.shape[1] * emb.element_size()
+    weights = weight_bytes(model) - emb.nbytes + batch * emb.shape[1] * emb.element_size()
     attn = model.layers[0].attention
     avg_positions = prompt_len + gen_len / 2
     kv = 2 * model.n_layers * batch * attn.n_local_kv_heads * attn.head_dim * avg_positions * emb.element_size()

@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         seq = max_seq_len or self.params.max_seq_len
         if self.layers:
             caches = [layer.attention.cache for layer in self.layers if layer.attention.cache is not None]
-            freed = sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v))  # replaced below
+            freed = sum(t.nbytes for c in caches for t in (c.k, c.v))  # replaced below
             check_memory(replace(self.params, max_batch_size=batch, max_seq_len=seq), weight.device, weight.dtype,
                          self.layers[0].attention.n_local_kv_heads, freed=freed)
         for layer in self.layers:
