@@ -3,8 +3,8 @@
     python -m llama.bench_http --url http://127.0.0.1:8000 --concurrency 16          # a running server
     python -m llama.bench_http --shape 134M --device cpu --dtype float32 --max_batch_size 8 --concurrency 16
 
-The workload is llama.bench_serving's (llama.workload.make_workload: --requests requests of random token ids, prompt
-lengths uniform in [prompt_min, prompt_max], max_tokens uniform in [gen_min, gen_max], seeded), sent
+The workload is llama.bench_serving's (llama.workload.make_workload: --requests requests of random token ids,
+prompt lengths uniform in [prompt_min, prompt_max], max_tokens uniform in [gen_min, gen_max], seeded), sent
 as streaming completions (token-id prompts, temperature 0) through httpx.AsyncClient, either
 --concurrency at a time (closed loop: a client sends its next request when its reply ends) or, with
 --arrival_rate, as a Poisson process of that many requests/s (open loop). Per request, the time of

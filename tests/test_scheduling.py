@@ -10,12 +10,11 @@ def test_feeding_groups_pad_little_and_never_past_the_cache():
         return SimpleNamespace(fed=fed, spec=SimpleNamespace(prompt_logprobs=prompt_logprobs))
 
     a, b, c, scored, near_end, f = request(0), request(0), request(0), request(0, True), request(58), request(0)
-    chunks = [(a, 10), (b, 9), (c, 3), (scored, 9), (near_end, 5), (f, 8)]
-    groups = feeding_groups(chunks, cache_len=64, waste=1.25)
+    groups = feeding_groups([(a, 10), (b, 9), (c, 3), (scored, 9), (near_end, 5), (f, 8)], cache_len=64, waste=1.25)
     # Longest first; b pads by 1 token; the scored one goes alone, and nothing joins it; near_end (at position
     # 58) padded to f's 8 would pass the cache's end; c (3) pads to 5 beside near_end: 10 <= 1.25 * 8.
     assert [[r for r, _ in g] for g in groups] == [[a, b], [scored], [f], [near_end, c]]
     # Without padding, only chunks of one length go together.
-    g, h = request(0), request(3)
-    groups = feeding_groups([(b, 9), (g, 9), (a, 10), (c, 3), (scored, 9), (f, 8), (h, 3)], cache_len=64, waste=1.0)
-    assert [[r for r, _ in g] for g in groups] == [[a], [b, g], [scored], [f], [c, h]]
+    like_b, like_c = request(0), request(3)
+    groups = feeding_groups([(b, 9), (like_b, 9), (a, 10), (c, 3), (scored, 9), (f, 8), (like_c, 3)], cache_len=64, waste=1.0)
+    assert [[r for r, _ in g] for g in groups] == [[a], [b, like_b], [scored], [f], [c, like_c]]
