@@ -275,7 +275,7 @@ def _run_url(url: str, model: Optional[str], api_key: Optional[str], vocab_size:
 
 
 def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Optional[int], repeats: int, name: str,
-                    prefill_chunk: int, decode) -> dict:
+                    prefill_chunk: Optional[int], decode) -> dict:
     """A server on net in this process, and an engine driven directly, taking turns on the workload (after the
     warm workload, untimed, through HTTP)."""
     slots = net.cache_shape[0]
@@ -314,6 +314,7 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
         "http": {**_http_only(http, best["walls_s"]["http"]), "chunks": sum(len(r.chunk_times) for r in replies)},
         "engine": {**engine, "walls_s": best["walls_s"]["engine"]},
         "http_over_engine_throughput": http["throughput_tok_s"] / engine["throughput_tok_s"],
+        "prefill_chunk": served.prefill_chunk,
         "usage_equals_ids_streamed": all(len(t) == r.completion_tokens for t, r in zip(http_tokens, replies)),
         "tokens_equal": tokens_equal_share(http_tokens, engine_tokens),
     }
@@ -323,7 +324,7 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
         max_batch_size: int = 8, compile: bool = False, requests: int = 32, concurrency: int = 16,
         arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
         gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
-        vocab_size: int = 32000, prefill_chunk: int = 512, repeats: int = 1) -> dict:
+        vocab_size: int = 32000, prefill_chunk: Optional[int] = None, repeats: int = 1) -> dict:
     """Run the HTTP benchmark and return its results (see main for the arguments)."""
     limit = _check(concurrency, arrival_rate)
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
@@ -351,7 +352,7 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
         **settings, "shape": shape, "params": sum(p.numel() for p in net.parameters()), "device": str(device),
         "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "max_batch_size": max_batch_size, "compile": compile,
-        "prefill_chunk": prefill_chunk, "gen_tokens": sum(r.max_gen_len for r in workload), **results,
+        "gen_tokens": sum(r.max_gen_len for r in workload), **results,
         "load_average_1min": None if load_start is None else {"start": load_start, "end": os.getloadavg()[0]},
     }
 
@@ -402,7 +403,7 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
          max_batch_size: int = 8, compile: bool = False, requests: int = 32, concurrency: int = 16,
          arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
          gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
-         vocab_size: int = 32000, prefill_chunk: int = 512, repeats: int = 1, json: Optional[str] = None) -> dict:
+         vocab_size: int = 32000, prefill_chunk: Optional[int] = None, repeats: int = 1, json: Optional[str] = None) -> dict:
     """HTTP serving benchmark: llama.bench_serving's workload sent to /v1/completions; prints a table and optionally
     writes JSON.
 
@@ -426,7 +427,8 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
         model: With --url: the model name to ask for; by default the first of the server's /v1/models.
         api_key: With --url: the server's API key; by default the LLAMA_API_KEY environment variable.
         vocab_size: With --url: the random prompts' token ids are below it (32000 is Llama 2's vocabulary).
-        prefill_chunk: In process: the most prompt tokens read in one engine step.
+        prefill_chunk: In process: the most prompt tokens read in one engine step while requests generate; by
+            default the engine's (128 on CPU, 512 elsewhere).
         repeats: Runs; the fastest is reported.
         json: A file to write every figure to as JSON; its folder must exist.
     """

@@ -123,7 +123,9 @@ def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk
     """ValueError naming a bad argument; else the join test's chunk sizes as a list, and max_seq_len (by default
     the longest prompt and generation of any run)."""
     _positive_ints(max_batch_size=max_batch_size, requests=requests, prompt_min=prompt_range[0], gen_min=gen_range[0],
-                   prefill_chunk=prefill_chunk, join_prompt_len=join_prompt_len, repeats=repeats)
+                   join_prompt_len=join_prompt_len, repeats=repeats)
+    if prefill_chunk is not None:
+        check_positive_int("prefill_chunk", prefill_chunk)
     check_seed(seed)
     for name, (low, high) in (("prompt", prompt_range), ("gen", gen_range)):
         if not isinstance(high, int) or isinstance(high, bool) or high < low:
@@ -175,14 +177,16 @@ def _describe(model, device: torch.device, workload: List[Request], prompt_range
 
 def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, max_batch_size: int = 8,
         requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
-        arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
-        join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
-        max_seq_len: Optional[int] = None, partial_json: Optional[str] = None, quantize: Optional[str] = None) -> dict:
+        arrival_rate: Optional[float] = 1.0, prefill_chunk: Optional[int] = None, join_prompt_len: int = 2048,
+        join_chunks=(128, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
+        max_seq_len: Optional[int] = None, partial_json: Optional[str] = None, quantize: Optional[str] = None,
+        max_prefill_tokens: int = 8192) -> dict:
     """Run the serving benchmark and return its results (see main for the arguments). partial_json: a path that
     gets the results so far after each part (a long run that is stopped keeps what it measured)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     chunks, max_seq_len = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len,
                                       join_chunks, repeats, arrival_rate, max_seq_len, seed)
+    check_positive_int("max_prefill_tokens", max_prefill_tokens)
     scheme = quantization.parse_quantize(quantize)
     if scheme is not None and compare_hf:
         raise ValueError("compare_hf runs transformers on the float weights, which a quantized model no longer has; "
@@ -200,14 +204,16 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         quantization.quantize_model(model, scheme)
     tokenizer = NoTextTokenizer(model.vocab_size)
     decode = CompiledDecodeStep(model) if compile else None
-    engines = {p: Engine(model, tokenizer, prefill_chunk=prefill_chunk, policy=p, decode=decode) for p in POLICIES}
+    engines = {p: Engine(model, tokenizer, prefill_chunk=prefill_chunk, max_prefill_tokens=max_prefill_tokens, policy=p,
+                         decode=decode) for p in POLICIES}
     workload = make_workload(requests, prompt_range, gen_range, model.vocab_size, seed)
     # Untimed: compiles the decode step (every batch size and attended length is a dynamic size of one graph).
     drive(engines["continuous"], make_workload(2 * max_batch_size, prompt_range, gen_range, model.vocab_size, seed + 1))
     _progress("warm-up done")
     graphs = counters["stats"]["unique_graphs"]
     results = _describe(model, device, workload, prompt_range, gen_range, dict(
-        shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile, prefill_chunk=prefill_chunk,
+        shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile,
+        prefill_chunk=engines["continuous"].prefill_chunk, max_prefill_tokens=max_prefill_tokens,
         repeats=repeats, seed=seed, quantize=scheme.name if scheme else None), params)
     results["offline"], tokens = _best_of(repeats, {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}, max_batch_size)
     results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
@@ -263,7 +269,8 @@ def format_table(r: dict) -> str:
         f"llama.bench_serving: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), {r['dtype']}"
         f"{', weights ' + r['quantize'] if r.get('quantize') else ''}, "
         f"device {r['device']}: {r['device_name']}",
-        f"torch {r['torch']}, {r['max_batch_size']} slots, max_seq_len {r['max_seq_len']}, prefill chunk {r['prefill_chunk']}, "
+        f"torch {r['torch']}, {r['max_batch_size']} slots, max_seq_len {r['max_seq_len']}, prefill chunk {r['prefill_chunk']} "
+        f"({r['max_prefill_tokens']} with none generating), "
         f"{'compiled decode step, ' if r['compile'] else ''}greedy, EOS disabled, best of {r['repeats']}",
         f"workload: {w['requests']} requests, prompts {w['prompt_len'][0]}..{w['prompt_len'][1]} tokens ({w['prompt_tokens']} in all), "
         f"max_gen_len {w['max_gen_len'][0]}..{w['max_gen_len'][1]} ({w['gen_tokens']} in all), seed {r['seed']}",
@@ -301,9 +308,10 @@ def format_table(r: dict) -> str:
 
 def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] = None, max_batch_size: int = 8,
          requests: int = 32, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16, gen_max: int = 128,
-         arrival_rate: Optional[float] = 1.0, prefill_chunk: int = 512, join_prompt_len: int = 2048,
-         join_chunks=(64, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
-         max_seq_len: Optional[int] = None, json: Optional[str] = None, quantize: Optional[str] = None) -> dict:
+         arrival_rate: Optional[float] = 1.0, prefill_chunk: Optional[int] = None, join_prompt_len: int = 2048,
+         join_chunks=(128, 512), compare_hf: bool = False, compile: bool = False, repeats: int = 1, seed: int = 0,
+         max_seq_len: Optional[int] = None, json: Optional[str] = None, quantize: Optional[str] = None,
+         max_prefill_tokens: int = 8192) -> dict:
     """Serving benchmark on a random model: continuous against static batching on a mixed workload; prints a table
     and optionally writes JSON (every figure). See README.md, "Continuous batching", for every figure.
 
@@ -318,9 +326,11 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
         gen_min: The fewest tokens a request generates, at least 2.
         gen_max: The most tokens a request generates.
         arrival_rate: Requests per second of the Poisson-arrivals run; 0 for no such run.
-        prefill_chunk: The most prompt tokens read in one engine step, in the workload runs.
+        prefill_chunk: The most prompt tokens read in one engine step while requests generate, in the workload runs;
+            by default the engine's (128 on CPU, 512 elsewhere).
+        max_prefill_tokens: The most prompt tokens read in one engine step while no request generates.
         join_prompt_len: The long prompt's length in the join test (a long prompt joining running requests).
-        join_chunks: Prefill chunk sizes the join test runs with, e.g. [64,512]; [] for no join test.
+        join_chunks: Prefill chunk sizes the join test runs with, e.g. [128,512]; [] for no join test.
         compare_hf: Also run the workload through transformers' generate in static batches.
         compile: Generate through the torch.compile'd decode step.
         repeats: Rounds of every run; the fastest of each is reported.
@@ -332,7 +342,8 @@ def main(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str]
     """
     json = check_output_path(json)
     results = run(shape, device, dtype, max_batch_size, requests, prompt_min, prompt_max, gen_min, gen_max, arrival_rate,
-                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json, quantize)
+                  prefill_chunk, join_prompt_len, join_chunks, compare_hf, compile, repeats, seed, max_seq_len, json, quantize,
+                  max_prefill_tokens)
     report(format_table(results), results, json)
     return results
 

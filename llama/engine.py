@@ -2,7 +2,8 @@
 
 Requests wait in a queue, take a free cache slot as soon as one exists, have their prompts fed in
 chunks (a long prompt never stalls the running requests for more than one chunk per step, and a step's
-chunks ride in the same forward call as its decode rows, one read of the weights for both), then
+chunks ride in the same forward call as its decode rows, one read of the weights for both; with no
+request generating, a burst's prompts are read at once), then
 decode one token per step beside every other running request, each with its own sampling settings,
 and leave the step they end, freeing their slot at once. Under model parallelism rank 0 makes every
 scheduling decision and the other ranks apply the same plan, so all ranks run the same forward calls.
@@ -35,7 +36,8 @@ class Engine:
 
     policy "continuous" admits a waiting request whenever a slot is free; "static" only when every
     slot is free (a batch runs until its last request ends), for comparison. prefill_chunk bounds the
-    prompt tokens fed per step, across all requests. decode: the one-token step, called as
+    prompt tokens read in a step while any request generates (by default 128 on CPU, 512 elsewhere);
+    max_prefill_tokens bounds them while none does. decode: the one-token step, called as
     decode(tokens (n, 1), positions (n, 1), kv_len) -> logits (n, vocab) (default: model.forward).
     """
 
@@ -44,7 +46,8 @@ class Engine:
         model: torch.nn.Module,
         tokenizer: Tokenizer,
         *,
-        prefill_chunk: int = 512,
+        prefill_chunk: Optional[int] = None,
+        max_prefill_tokens: int = 8192,
         policy: str = "continuous",
         decode: Optional[Callable] = None,
     ):
@@ -53,8 +56,11 @@ class Engine:
         if model.cache_shape is None:
             model.setup_cache()
         self.model, self.tokenizer = model, tokenizer
-        self.prefill_chunk, self.policy = prefill_chunk, policy  # prefill_chunk: checked by its setter
-        self.prompt_padding = 1.0 if self.device.type == "cpu" else 1.25  # checked by its setter
+        cpu = self.device.type == "cpu"
+        # Checked by their setters.
+        self.prefill_chunk = prefill_chunk if prefill_chunk is not None else (128 if cpu else 512)
+        self.max_prefill_tokens, self.policy = max_prefill_tokens, policy
+        self.prompt_padding = 1.0 if cpu else 1.25
         self._decode = decode or self._eager_decode
         self._ids = itertools.count()
         self._waiting: deque = deque()  # (id, spec), in arrival order
@@ -69,13 +75,27 @@ class Engine:
 
     @property
     def prefill_chunk(self) -> int:
-        """The most prompt tokens fed in one step, across requests; may be changed between steps."""
+        """The most prompt tokens read in one step, across requests, while any request generates: how long a
+        prompt that joins may hold up their next tokens. May be changed between steps. By default 128 on CPU,
+        where a step reading 128 prompt tokens already keeps the cores busy (larger chunks read barely more
+        tokens per second but stall the running requests longer), and 512 elsewhere."""
         return self._prefill_chunk
 
     @prefill_chunk.setter
     def prefill_chunk(self, value: int) -> None:
         # 0 would feed no prompt token ever: admitted requests would wait forever.
         self._prefill_chunk = check_positive_int("prefill_chunk", value)
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        """The most prompt tokens read in one step while no request generates (at least prefill_chunk): no token
+        waits on such a step, so the prompts of a burst are read at once, not in chunks that would then stall
+        the first requests' streams. It bounds the step's activation memory and how long it runs."""
+        return self._max_prefill_tokens
+
+    @max_prefill_tokens.setter
+    def max_prefill_tokens(self, value: int) -> None:
+        self._max_prefill_tokens = check_positive_int("max_prefill_tokens", value)
 
     @property
     def prompt_padding(self) -> float:
@@ -176,9 +196,10 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> List[StepOutput]:
-        """Run one step: aborts, admissions, at most prefill_chunk prompt tokens, one new token for every
-        running request. An exception in the model or the sampler fails the requests of this step
-        (their outputs carry it) and leaves the engine usable."""
+        """Run one step: aborts, admissions, prompt tokens (at most prefill_chunk while any request
+        generates, else max_prefill_tokens), one new token for every running request. An exception in the
+        model or the sampler fails the requests of this step (their outputs carry it) and leaves the engine
+        usable."""
         plan = self._share(self._plan())
         outputs = [self._finish(self._requests[i], "abort") if i in self._requests else self._drop_waiting(i)
                    for i in plan.aborts]
@@ -211,7 +232,7 @@ class Engine:
     def _plan(self) -> Plan:
         aborts, self._aborts = list(dict.fromkeys(self._aborts)), []
         return plan_step(aborts, list(self._waiting), self._requests, self._slots, self.policy == "continuous",
-                         self.prefill_chunk, self.closed)
+                         self.prefill_chunk, self.max_prefill_tokens, self.closed)
 
     def _share(self, plan: Plan) -> Plan:
         """Under model parallelism every rank takes rank 0's plan."""

@@ -56,7 +56,7 @@ class Llama:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, *,
-                 prefill_chunk: int = 512, policy: str = "continuous"):
+                 prefill_chunk: Optional[int] = None, policy: str = "continuous"):
         self.model = model
         self.tokenizer = tokenizer
         if model.cache_shape is None:

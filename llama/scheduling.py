@@ -65,11 +65,16 @@ class Plan:
 
 
 def plan_step(aborts: List[int], waiting: List[Tuple[int, RequestSpec]], requests: Dict[int, Running],
-              slots: List[Optional[int]], continuous: bool, prefill_chunk: int, closed: bool) -> Plan:
+              slots: List[Optional[int]], continuous: bool, prefill_chunk: int, max_prefill_tokens: int,
+              closed: bool) -> Plan:
     """One step's decisions, from the queue (waiting, in arrival order), the admitted requests by id and the
     request id in each slot: admit waiting requests into free slots (continuous: whenever one is free; else
-    only when every slot is), move requests down into free slots when nothing waits, and pick at most
-    prefill_chunk prompt tokens, the requests already reading their prompts first."""
+    only when every slot is), move requests down into free slots when nothing waits, and pick the prompt
+    tokens to read, the requests already reading their prompts first. While any request generates, the
+    step reads at most prefill_chunk of them (their next tokens wait on the step); while none does, up to
+    max_prefill_tokens (nobody waits), so a burst of requests has its prompts read before any token streams
+    and no stream stalls for the others'. A request that scores its prompt reads at most prefill_chunk
+    tokens a step, since it keeps the logits of every position."""
     free = [s for s, owner in enumerate(slots) if owner is None or owner in aborts]
     waiting = [(i, spec) for i, spec in waiting if i not in aborts]
     admits = []
@@ -85,14 +90,15 @@ def plan_step(aborts: List[int], waiting: List[Tuple[int, RequestSpec]], request
         used = sorted((requests[i].slot, i) for i in running)
         while free and used and free[0] < used[-1][0]:
             moves.append((used.pop()[1], free.pop(0)))
-    budget = prefill_chunk
+    generating = any(requests[i].decoding for i in running)
+    budget = prefill_chunk if generating else max(prefill_chunk, max_prefill_tokens)
     chunks = []
     prefilling = [requests[i] for i in running if not requests[i].decoding]
-    for request_id, need in [(r.id, len(r.spec.prompt) - r.fed) for r in prefilling] + \
-            [(i, len(spec.prompt)) for i, _, spec in admits]:
+    for request_id, need, spec in [(r.id, len(r.spec.prompt) - r.fed, r.spec) for r in prefilling] + \
+            [(i, len(spec.prompt), spec) for i, _, spec in admits]:
         if budget == 0:
             break
-        chunks.append((request_id, min(need, budget)))
+        chunks.append((request_id, min(need, budget, prefill_chunk if spec.prompt_logprobs else need)))
         budget -= chunks[-1][1]
     return Plan(aborts, admits, moves, chunks, closed)
 

@@ -237,7 +237,8 @@ def main(
     model_name: Optional[str] = None,
     api_key: Optional[str] = None,
     max_queue: int = 256,
-    prefill_chunk: int = 512,
+    prefill_chunk: Optional[int] = None,
+    max_prefill_tokens: int = 8192,
     log_level: str = "info",
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), with a chat page at /
@@ -259,10 +260,13 @@ def main(
         api_key: Require "Authorization: Bearer KEY" on /v1; by default the LLAMA_API_KEY environment variable,
             none when that is unset.
         max_queue: Requests that may wait beyond the free slots; one more gets HTTP 429.
-        prefill_chunk: The most prompt tokens read in one engine step (a long prompt takes several).
+        prefill_chunk: The most prompt tokens read in one engine step while requests generate (a long prompt takes
+            several, and the running requests' next tokens wait on each); by default 128 on CPU, 512 on a GPU.
+        max_prefill_tokens: The most prompt tokens read in one step while none generates (a burst's prompts are
+            read at once); bounds the step's memory and length.
         log_level: uvicorn's and the server's log level: critical, error, warning, info, debug or trace.
     """
-    check_server_options(port, max_queue, prefill_chunk, log_level)  # before the weights are read
+    check_server_options(port, max_queue, prefill_chunk, max_prefill_tokens, log_level)  # before the weights are read
     import uvicorn
 
     from llama import Llama
@@ -278,7 +282,9 @@ def main(
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                             compile=compile, quantize=quantize)
     engine = generator.engine
-    engine.prefill_chunk = prefill_chunk
+    if prefill_chunk is not None:
+        engine.prefill_chunk = prefill_chunk
+    engine.max_prefill_tokens = max_prefill_tokens
     if demo:
         engine.stop_token_ids = STOP_TOKEN_IDS
     if global_rank() != 0:
@@ -296,7 +302,7 @@ def main(
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
-def check_server_options(port, max_queue, prefill_chunk, log_level) -> None:
+def check_server_options(port, max_queue, prefill_chunk, max_prefill_tokens, log_level) -> None:
     """ValueError naming the first of the server's options that is out of range."""
     if log_level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -304,7 +310,9 @@ def check_server_options(port, max_queue, prefill_chunk, log_level) -> None:
         raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
     if not is_int(max_queue) or int(max_queue) < 0:
         raise ValueError(f"max_queue must be an integer >= 0 (requests that may wait beyond the free slots), got {max_queue!r}")
-    check_positive_int("prefill_chunk", prefill_chunk)
+    if prefill_chunk is not None:
+        check_positive_int("prefill_chunk", prefill_chunk)
+    check_positive_int("max_prefill_tokens", max_prefill_tokens)
 
 
 def serve(loop: EngineLoop, config) -> bool:

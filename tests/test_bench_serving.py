@@ -73,6 +73,7 @@ def test_run_reports_every_figure(capsys):
             assert math.isfinite(c[key]) and c[key] > 0, (c, key)
         assert c["itl_p50_s"] <= c["itl_p99_s"] <= c["itl_max_s"]
     assert r["graphs_compiled_during_timed_runs"] == 0
+    assert r["prefill_chunk"] == 128 and r["max_prefill_tokens"] == 8192  # the engine's CPU defaults
     assert r["other_processes_cpu_s"] is None or r["other_processes_cpu_s"] >= 0
     assert 0 < r["run_wall_s"] and r["offline"]["continuous"]["wall_s"] + r["offline"]["static"]["wall_s"] < r["run_wall_s"]
     table = capsys.readouterr().out
@@ -87,7 +88,7 @@ def test_cli_writes_json(tmp_path):
     proc = launch(args, timeout=180)
     check_exit(proc)
     r = json.loads(out.read_text())
-    assert "poisson" not in r and "hf" not in r and r["repeats"] == 2
+    assert "poisson" not in r and "hf" not in r and r["repeats"] == 2 and r["max_prefill_tokens"] == 8192
     assert [c["prefill_chunk"] for c in r["join"]["chunks"]] == [16]
     for policy in ("continuous", "static"):
         s = r["offline"][policy]
@@ -109,6 +110,10 @@ def test_bad_arguments():
         bs.run(**{**SMALL, "join_chunks": "abc"})  # fire hands on a word as text
     with pytest.raises(ValueError, match="arrival_rate"):
         bs.run(**{**SMALL, "arrival_rate": -1})
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+        bs.run(**SMALL, prefill_chunk=0)
+    with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
+        bs.run(**SMALL, max_prefill_tokens=0)
     with pytest.raises(ValueError, match="quantize='int3' is not a known scheme"):
         bs.run(**SMALL, quantize="int3")
     with pytest.raises(ValueError, match="drop --quantize or --compare_hf"):

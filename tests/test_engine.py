@@ -104,6 +104,32 @@ def test_a_step_feeds_at_most_one_chunk_and_running_requests_keep_decoding(token
     assert len(done[first].completion.tokens) == 12
 
 
+def test_a_burst_has_its_prompts_read_at_once_until_a_request_generates(tokenizer):
+    """With no request generating nobody waits on the step, so it reads up to max_prefill_tokens of prompt;
+    once one generates, steps read at most prefill_chunk, and a request scoring its prompt (every position's
+    logits) reads at most prefill_chunk a step in any case."""
+    llama = scripted_llama(tokenizer, counting, max_batch_size=4, max_seq_len=64, prefill_chunk=4)
+    engine, model = llama.engine, llama.model
+    engine.max_prefill_tokens = 20
+    prompts = [[1] + list(range(10 * k, 10 * k + n)) for k, n in ((1, 5), (2, 7), (3, 9), (4, 3))]  # 6+8+10+4 tokens
+    ids = [engine.add_request(p, GREEDY, 3) for p in prompts]
+    first = engine.step()
+    # 20 tokens in the first step, no request generating: the first two prompts whole, then 6 of the third.
+    assert sorted(model.prefills) == [6, 6, 8] and len(model.part_calls) == 1
+    assert sorted(o.request_id for o in first if o.new_tokens) == ids[:2]
+    model.prefills.clear()
+    second = engine.step()  # two requests generate now: 4 more of the third (one chunk), beside their decode rows
+    assert model.prefills == [4] and model.part_calls[1] == [(1, 4), (2, 1)]
+    done = finished([first, second] + run(engine))
+    assert [done[i].completion.tokens for i in ids] == [counted(p[-1], 3) for p in prompts]
+    # A request that scores its prompt: at most one chunk a step, even with nothing generating.
+    scoring = engine.add_request(prompts[2], GREEDY, 1, prompt_logprobs=True)
+    model.prefills.clear()
+    done = finished(run(engine))
+    assert model.prefills == [4, 4, 2]
+    assert len(done[scoring].completion.prompt_logprobs) == len(prompts[2])
+
+
 def test_abort_ends_a_running_or_waiting_request_and_ignores_others(tokenizer):
     engine = scripted_llama(tokenizer, counting, max_batch_size=1).engine
     running = engine.add_request([1, 20], GREEDY, 30)
@@ -147,7 +173,11 @@ def test_bad_requests_are_refused_before_anything_runs(tokenizer):
     for chunk in (0, -4, 2.5, True):  # the server sets it after building; 0 fed no prompt token ever
         with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
             engine.prefill_chunk = chunk
-    assert engine.prefill_chunk == 512
+    assert engine.prefill_chunk == 128  # the CPU default
+    for tokens in (0, -1, 8.0, None):
+        with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
+            engine.max_prefill_tokens = tokens
+    assert engine.max_prefill_tokens == 8192
     for padding in (0.5, float("nan"), float("inf"), "1.25", None):
         with pytest.raises(ValueError, match="prompt_padding must be a finite number of at least 1.0"):
             engine.prompt_padding = padding
@@ -202,6 +232,7 @@ def test_ignore_eos_generates_past_eos(tokenizer):
 def test_chunked_prefill_equals_whole_prompt_prefill(tiny_checkpoints, tiny_tokenizer_path):
     whole = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 64, 3, device="cpu")
     chunked = Llama(whole.model, whole.tokenizer, prefill_chunk=3)
+    chunked.engine.max_prefill_tokens = 3  # chunks of 3 also when no request generates
     prompts = [[1, 10, 11, 12, 13, 14, 15, 16, 17], [1, 20], [1, 30, 31, 32, 33], [1, 40, 41, 42, 43, 44, 45]]
     a = whole.generate(prompts, max_gen_len=10, temperature=0, logprobs=True, echo=True)
     b = chunked.generate(prompts, max_gen_len=10, temperature=0, logprobs=True, echo=True)
@@ -227,6 +258,7 @@ def test_prompt_chunks_fed_together_equal_each_fed_alone(tiny_checkpoints, tiny_
     batched = Llama(llama.model, llama.tokenizer, prefill_chunk=24)
     assert batched.engine.prompt_padding == 1.0  # on CPU: no padding (each chunk a part of its own)
     batched.engine.prompt_padding = 1.25
+    batched.engine.max_prefill_tokens = 24  # chunks of 24 also when no request generates
     batched = batched.generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
     # Step 1: 12 and 11 tokens together, 1 alone (too short to pad); step 2: 9 (from position 1) and 9 together.
     assert together == [[11, 10], [8, 8]]

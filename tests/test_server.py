@@ -489,6 +489,7 @@ def test_a_port_in_use_is_a_clear_error(tiny_checkpoints, tiny_tokenizer_path):
 
 
 @pytest.mark.parametrize("flag, value, match", [("prefill_chunk", "0", "prefill_chunk must be a positive integer"),
+                                                ("max_prefill_tokens", "0", "max_prefill_tokens must be a positive integer"),
                                                 ("max_queue", "-1", "max_queue must be an integer >= 0"),
                                                 ("port", "70000", "port must be an integer from 0 to 65535"),
                                                 ("log_level", "loud", "log_level must be one of critical")])
