@@ -16,10 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.checks import as_float, check_positive_int, is_int
-from llama.request import Completion, RequestSpec, StepOutput, check_prompt, check_stop_token_ids
+from llama.checks import as_float, check_positive_int
+from llama.request import Completion, RequestSpec, StepOutput, make_spec
 from llama.model import Part
-from llama.sampling import SamplingParams, check_max_gen_len, next_tokens
+from llama.sampling import SamplingParams, TokenHistory, next_tokens
 from llama.scheduling import Plan, Running, feeding_groups, plan_step
 from llama.streaming import IncrementalDecoder
 from llama.tokenizer import Tokenizer
@@ -70,8 +70,7 @@ class Engine:
         self.closed = False
         #: Token ids that end every request, like EOS (e.g. (1,) for a model that ends its text with BOS).
         self.stop_token_ids: Tuple[int, ...] = ()
-        self._seen: Optional[torch.Tensor] = None  # (slots, vocab): tokens in each sequence, for repetition penalties
-        self._counts: Optional[torch.Tensor] = None  # (slots, vocab): tokens each request generated, for OpenAI's penalties
+        self._history = TokenHistory(len(self._slots), model.vocab_size, self.device)
 
     @property
     def prefill_chunk(self) -> int:
@@ -141,23 +140,10 @@ class Engine:
                               top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=ignore_eos)
         return self.add_spec(spec)
 
-    def make_spec(self, prompt_tokens, sampling=None, max_gen_len=None, *, stop_token_ids=None, logprobs=False,
-                  top_logprobs=0, prompt_logprobs=False, ignore_eos=False, name: str = "prompt") -> RequestSpec:
-        """A checked RequestSpec (ValueError naming what is wrong), without queueing it."""
-        sampling = SamplingParams() if sampling is None else sampling
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        max_gen_len = check_max_gen_len(max_gen_len)
-        if not is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
-            raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
-        top_logprobs = int(top_logprobs)
-        if not isinstance(ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be True or False, got {ignore_eos!r}")
-        vocab = self.model.vocab_size
-        prompt = check_prompt(prompt_tokens, vocab, self.max_seq_len, name)
-        return RequestSpec(prompt, sampling, self.max_seq_len if max_gen_len is None else max_gen_len,
-                           check_stop_token_ids(stop_token_ids, vocab), bool(logprobs), top_logprobs, bool(prompt_logprobs),
-                           ignore_eos)
+    def make_spec(self, prompt_tokens, sampling=None, max_gen_len=None, *, name: str = "prompt", **options) -> RequestSpec:
+        """A checked RequestSpec (ValueError naming what is wrong), without queueing it; options as add_request's."""
+        return make_spec(prompt_tokens, sampling, max_gen_len, self.model.vocab_size, self.max_seq_len, name=name,
+                         **options)
 
     def add_spec(self, spec: RequestSpec) -> int:
         """Queue a request made by make_spec; returns its id."""
@@ -268,22 +254,12 @@ class Engine:
         request = Running(request_id, spec, limit, decoder, generator, slot)
         self._requests[request_id] = request
         self._slots[slot] = request_id
-        if spec.sampling.repetition_penalty != 1.0:
-            if self._seen is None:
-                self._seen = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.bool, device=self.device)
-            self._seen[slot] = False
-            self._seen[slot, torch.tensor(spec.prompt, device=self.device)] = True
-        if spec.sampling.counts_tokens:
-            if self._counts is None:
-                self._counts = torch.zeros(len(self._slots), self.model.vocab_size, dtype=torch.int32, device=self.device)
-            self._counts[slot] = 0
+        self._history.start(slot, spec.prompt, spec.sampling)
 
     def _move(self, request: Running, slot: int) -> None:
         """Move a request to another (free) slot, with its cached keys and values and penalty state."""
         self.model.move_slot(request.slot, slot, request.fed + max(0, len(request.generated) - 1))
-        for table in (self._seen, self._counts):
-            if table is not None:
-                table[slot] = table[request.slot]
+        self._history.move(request.slot, slot)
         self._slots[request.slot], self._slots[slot] = None, request.id
         request.slot = slot
 
@@ -367,13 +343,9 @@ class Engine:
         if not rows:
             return []
         slots = torch.tensor([r.slot for r in rows], device=self.device)
-        seen = None if self._seen is None else self._seen[slots]
-        counts = None if self._counts is None else self._counts[slots]
-        tokens = next_tokens(logits, [r.spec.sampling for r in rows], [r.generator for r in rows], seen, counts)
-        if seen is not None:
-            self._seen[slots, tokens] = True
-        if counts is not None:
-            self._counts[slots, tokens] += 1
+        tokens = next_tokens(logits, [r.spec.sampling for r in rows], [r.generator for r in rows],
+                             *self._history.rows(slots))
+        self._history.add(slots, tokens)
         return tokens.tolist()
 
     # Results -----------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """What a generation request is and what it produces: its checked spec, each step's output, its completion."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from llama.checks import is_int
-from llama.sampling import SamplingParams
+from llama.sampling import SamplingParams, check_max_gen_len
 
 
 def check_prompt(prompt, vocab_size: int, max_seq_len: int, name: str = "prompt") -> List[int]:
@@ -82,3 +82,33 @@ class RequestSpec:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     ignore_eos: bool = False  # generate past EOS (benchmarks, as vLLM's extension of the OpenAI API)
+
+
+def make_spec(
+    prompt_tokens: Sequence[int],
+    sampling: Optional[SamplingParams],
+    max_gen_len: Optional[int],
+    vocab_size: int,
+    max_seq_len: int,
+    *,
+    stop_token_ids: Optional[Sequence[int]] = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    prompt_logprobs: bool = False,
+    ignore_eos: bool = False,
+    name: str = "prompt",
+) -> RequestSpec:
+    """A checked RequestSpec for a model of vocab_size and context max_seq_len, or ValueError naming what is wrong.
+    max_gen_len None: until the context is full."""
+    sampling = SamplingParams() if sampling is None else sampling
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    max_gen_len = check_max_gen_len(max_gen_len)
+    if not is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
+        raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
+    if not isinstance(ignore_eos, bool):
+        raise ValueError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+    prompt = check_prompt(prompt_tokens, vocab_size, max_seq_len, name)
+    return RequestSpec(prompt, sampling, max_seq_len if max_gen_len is None else max_gen_len,
+                       check_stop_token_ids(stop_token_ids, vocab_size), bool(logprobs), int(top_logprobs),
+                       bool(prompt_logprobs), ignore_eos)

@@ -113,6 +113,45 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) 
     return torch.where(seen, penalised, logits)
 
 
+class TokenHistory:
+    """What the penalties need of each KV-cache slot's sequence: which tokens it holds, prompt included (for
+    repetition_penalty), and how often its request generated each (for frequency and presence penalties).
+    Each table is made the first time a request needs it."""
+
+    def __init__(self, slots: int, vocab_size: int, device: torch.device):
+        self.slots, self.vocab_size, self.device = slots, vocab_size, device
+        self.seen: Optional[torch.Tensor] = None  # (slots, vocab) bool
+        self.counts: Optional[torch.Tensor] = None  # (slots, vocab) int32
+
+    def start(self, slot: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
+        """A new request in slot: its prompt is all it has seen, and it has generated nothing."""
+        if sampling.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(self.slots, self.vocab_size, dtype=torch.bool, device=self.device)
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        if sampling.counts_tokens:
+            if self.counts is None:
+                self.counts = torch.zeros(self.slots, self.vocab_size, dtype=torch.int32, device=self.device)
+            self.counts[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        for table in (self.seen, self.counts):
+            if table is not None:
+                table[dst] = table[src]
+
+    def rows(self, slots: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(seen, counts) of slots, for next_tokens."""
+        return (None if self.seen is None else self.seen[slots]), (None if self.counts is None else self.counts[slots])
+
+    def add(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Each of slots generated the token beside it."""
+        if self.seen is not None:
+            self.seen[slots, tokens] = True
+        if self.counts is not None:
+            self.counts[slots, tokens] += 1
+
+
 def _column(values: Sequence, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
 

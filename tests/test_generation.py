@@ -6,7 +6,7 @@ import torch
 
 from llama import Llama
 from llama.sampling import sample_top_p
-from tests.checkpoints import random_state_dict, tiny_params, write_checkpoint
+from tests.checkpoints import random_state_dict, tiny_params
 from tests.naive_llama import naive_greedy, naive_logits
 from tests.scripted import ScriptedModel
 

@@ -21,7 +21,6 @@ from llama.quantize import (
     matmul_dtype,
     parse_quantize,
     quantize_int4,
-    quantize_int8,
     save_quantized,
 )
 from llama.quantized_linear import int8_dynamic_matmul, quantize_rows

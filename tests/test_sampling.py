@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.sampling import SamplingParams, apply_repetition_penalty, next_tokens
+from llama.sampling import SamplingParams, TokenHistory, apply_repetition_penalty, next_tokens
 from llama.tokenizer import Tokenizer
 from tests.scripted import scripted_llama
 
@@ -252,3 +252,18 @@ def test_numpy_numbers_are_numbers(generator):
     with pytest.raises(ValueError, match="top_logprobs"):
         generator.engine.make_spec([1, 2], top_logprobs=np.float32(2))
     assert generator.engine.make_spec([1, 2], max_gen_len=np.int64(3), top_logprobs=np.int64(2)).top_logprobs == 2
+
+
+def test_token_history_keeps_each_slots_tokens_through_moves_and_restarts():
+    history = TokenHistory(3, 6, torch.device("cpu"))
+    assert history.rows(torch.tensor([0, 1])) == (None, None)  # no table until a request needs one
+    history.start(0, [1, 2, 2], SamplingParams(repetition_penalty=1.2))
+    history.start(2, [3], SamplingParams(frequency_penalty=0.5))
+    history.add(torch.tensor([0, 2]), torch.tensor([4, 5]))
+    history.add(torch.tensor([2]), torch.tensor([5]))
+    history.move(2, 1)
+    seen, counts = history.rows(torch.tensor([0, 1]))
+    assert seen[0].tolist() == [False, True, True, False, True, False]
+    assert counts[1].tolist() == [0, 0, 0, 0, 0, 2]  # generated tokens only, as OpenAI's penalties count them
+    history.start(0, [3], SamplingParams(repetition_penalty=1.2))  # a new request forgets the slot's last one
+    assert history.rows(torch.tensor([0]))[0][0].tolist() == [False, False, False, True, False, False]
