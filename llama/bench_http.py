@@ -23,143 +23,24 @@ with the engine's. Also reported: the time the engine spent in its steps and the
 run, and the CPU time of the engine loop, torch's other threads, uvicorn and the client process.
 """
 
-import asyncio
-import json as _json
 import multiprocessing
 import os
 import socket
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
 from llama import bench_serving as bs
-from llama.workload import GREEDY, Request, Trace, drive, make_workload, summarize
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
 from llama.engine import Engine
+from llama.http_workload import run_http, server_model
 from llama.measure import check_output_path, cpu_split, device_name, report, thread_cpu_s, tokens_equal_share
 from llama.random_model import NoTextTokenizer, build_random_model
-
-
-@dataclass
-class Reply:
-    """One request's reply as the client saw it: times in seconds after the run's start."""
-
-    sent: float
-    chunk_times: List[float]
-    text: str
-    completion_tokens: int
-
-
-# The HTTP client ---------------------------------------------------------------------------------------
-
-
-async def _stream_one(client, model: str, request: Request, start: float) -> Reply:
-    # ignore_eos (vLLM's extension, which llama.server and llama.cpp's server take too): every request generates
-    # its max_tokens on any server, whatever its tokenizer, as the workload says.
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_gen_len, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    sent = time.perf_counter() - start
-    times, pieces, usage = [], [], None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"the server answered {response.status_code}: {(await response.aread()).decode()[:500]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            chunk = _json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"the server failed the request: {chunk['error'].get('message')}")
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
-            if text:
-                times.append(time.perf_counter() - start)
-                pieces.append(text)
-    if usage is None:
-        raise RuntimeError("the stream ended without a usage chunk (stream_options.include_usage)")
-    return Reply(sent, times, "".join(pieces), usage)
-
-
-async def _send_all(url: str, model: str, workload: List[Request], concurrency: Optional[int],
-                    headers: dict) -> tuple:
-    """Every request of workload: concurrency at a time, or (None) each at its arrival time. Returns the
-    replies in workload order and the wall time from the start to the end of the last reply."""
-    import httpx
-
-    width = concurrency or len(workload)
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-    replies: List[Optional[Reply]] = [None] * len(workload)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(600.0)) as client:
-        gate = asyncio.Semaphore(width)
-        start = time.perf_counter()
-
-        async def one(i: int) -> None:
-            if concurrency is None:
-                await asyncio.sleep(max(0.0, workload[i].arrival - (time.perf_counter() - start)))
-            async with gate:
-                replies[i] = await _stream_one(client, model, workload[i], start)
-
-        await asyncio.gather(*(one(i) for i in range(len(workload))))
-        wall = time.perf_counter() - start
-    return replies, wall
-
-
-def http_trace(replies: List[Reply], wall: float, tokens: Optional[List[List[int]]] = None) -> Trace:
-    """The replies as a llama.workload Trace, for its summarize(): arrivals are the send times, token times
-    the text chunks' times, and tokens the ids when known (else usage's count of stand-ins, -1)."""
-    trace = Trace([r.sent for r in replies])
-    trace.token_times = [r.chunk_times for r in replies]
-    trace.tokens = tokens if tokens is not None else [[-1] * r.completion_tokens for r in replies]
-    trace.wall_s = wall
-    return trace
-
-
-def run_http(url: str, model: str, workload: List[Request], concurrency: Optional[int], slots: int,
-             api_key: Optional[str] = None) -> tuple:
-    """Send the workload; its summary (as llama.workload's summarize, with the CPU time this process spent)
-    and the replies."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    cpu = time.process_time()
-    replies, wall = asyncio.run(_send_all(url, model, workload, concurrency, headers))
-    return {**summarize(http_trace(replies, wall), slots), "client_cpu_s": time.process_time() - cpu}, replies
-
-
-# The same workload on the engine, no HTTP -----------------------------------------------------------------
-
-
-def drive_closed_loop(engine: Engine, workload: List[Request], concurrency: int) -> Trace:
-    """The workload through engine with at most concurrency requests in it at once: a request is added
-    when one ends (as a client sends its next request). Arrivals are the times requests are added."""
-    trace = Trace([0.0] * len(workload))
-    which = {}
-    start = time.perf_counter()
-    nxt = in_engine = 0
-    while nxt < len(workload) or engine.has_work():
-        while nxt < len(workload) and in_engine < concurrency:
-            r = workload[nxt]
-            trace.arrivals[nxt] = time.perf_counter() - start
-            which[engine.add_request(r.prompt, GREEDY, r.max_gen_len)] = nxt
-            nxt, in_engine = nxt + 1, in_engine + 1
-        outputs = engine.step()
-        t = time.perf_counter() - start
-        for out in outputs:
-            i = which[out.request_id]
-            if out.error is not None:
-                raise RuntimeError(f"request {i} failed") from out.error
-            trace.tokens[i] += out.new_tokens
-            trace.token_times[i] += [t] * len(out.new_tokens)
-            in_engine -= out.finished
-        trace.running.append(engine.num_running + sum(out.finished for out in outputs))
-    trace.wall_s = time.perf_counter() - start
-    return trace
+from llama.workload import Request, drive, make_workload, summarize
 
 
 class TimedEngine(Engine):
@@ -229,28 +110,6 @@ def _check(concurrency, arrival_rate) -> Optional[int]:
     return concurrency
 
 
-def _server_model(url: str, api_key: Optional[str]) -> str:
-    """The first model of url's /v1/models; ValueError for an address that is not http(s), OSError naming url where
-    the server cannot be reached or refuses (with what to do)."""
-    import httpx
-
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--url must start with http:// or https://, got {url!r}")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.get(url + "/v1/models", headers=headers, timeout=30)
-    except httpx.TransportError as error:
-        raise OSError(f"cannot reach the server at {url} ({error}); start it first, or check --url") from error
-    if response.status_code == 401:
-        raise OSError(f"the server at {url} wants an API key: pass --api_key or set LLAMA_API_KEY")
-    if response.status_code != 200:
-        raise OSError(f"{url}/v1/models answered HTTP {response.status_code}; is --url an OpenAI-compatible server?")
-    try:
-        return response.json()["data"][0]["id"]
-    except (ValueError, KeyError, IndexError, TypeError) as error:
-        raise OSError(f"{url}/v1/models did not list a model; pass --model") from error
-
-
 def _keep_best(best: dict, name: str, summary: dict, *extra) -> None:
     best.setdefault("walls_s", {}).setdefault(name, []).append(summary["wall_s"])
     if name not in best or summary["wall_s"] < best[name][0]["wall_s"]:
@@ -264,7 +123,7 @@ def _http_only(summary: dict, walls: List[float]) -> dict:
 
 def _run_url(url: str, model: Optional[str], api_key: Optional[str], vocab_size: int, workload: List[Request],
              warm: List[Request], limit: Optional[int], repeats: int) -> dict:
-    found = _server_model(url, api_key)  # checks the server is there before anything is timed
+    found = server_model(url, api_key)  # checks the server is there before anything is timed
     model = model or found
     # Untimed first, as for the server in this process: a server that compiles on its first requests is warm.
     run_http(url, model, warm, min(limit or len(warm), len(warm)), 1, api_key)
@@ -275,14 +134,14 @@ def _run_url(url: str, model: Optional[str], api_key: Optional[str], vocab_size:
 
 
 def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Optional[int], repeats: int, name: str,
-                    prefill_chunk: Optional[int], decode) -> dict:
+                    decode, **prefill) -> dict:
     """A server on net in this process, and an engine driven directly, taking turns on the workload (after the
     warm workload, untimed, through HTTP)."""
     slots = net.cache_shape[0]
     tokenizer = NoTextTokenizer(net.vocab_size)
-    served = TimedEngine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)
+    served = TimedEngine(net, tokenizer, decode=decode, **prefill)
     server = InProcessServer(served, tokenizer, name, max_queue=max(256, len(workload)))
-    direct = TimedEngine(net, tokenizer, prefill_chunk=prefill_chunk, decode=decode)  # steps only while the server idles
+    direct = TimedEngine(net, tokenizer, decode=decode, **prefill)  # steps only while the server idles
     # The threads whose CPU time is reported: uvicorn's, and the main one, which steps the engine.
     threads = {"http_server": server.thread.native_id, "engine_loop": threading.main_thread().native_id}
     # The client runs in a process of its own, as clients do: in this one it would hold the GIL the server needs.
@@ -302,7 +161,7 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
             send = lambda: server.serve_until(client.submit(run_http, server.url, name, workload, limit, slots))  # noqa: E731
             (summary, replies), seen = measured(served, threads, send)
             _keep_best(best, "http", {**summary, **seen}, replies)
-            run_direct = (lambda: drive_closed_loop(direct, workload, limit)) if limit else (lambda: drive(direct, workload))
+            run_direct = (lambda: drive(direct, workload, concurrency=limit)) if limit else (lambda: drive(direct, workload))
             trace, seen = measured(direct, {"engine": threading.main_thread().native_id}, run_direct)
             _keep_best(best, "engine", {**summarize(trace, slots), **seen}, trace.tokens)
     finally:
@@ -314,7 +173,7 @@ def _run_in_process(net, workload: List[Request], warm: List[Request], limit: Op
         "http": {**_http_only(http, best["walls_s"]["http"]), "chunks": sum(len(r.chunk_times) for r in replies)},
         "engine": {**engine, "walls_s": best["walls_s"]["engine"]},
         "http_over_engine_throughput": http["throughput_tok_s"] / engine["throughput_tok_s"],
-        "prefill_chunk": served.prefill_chunk,
+        "prefill_chunk": served.prefill_chunk, "max_prefill_tokens": served.max_prefill_tokens,
         "usage_equals_ids_streamed": all(len(t) == r.completion_tokens for t, r in zip(http_tokens, replies)),
         "tokens_equal": tokens_equal_share(http_tokens, engine_tokens),
     }
@@ -324,12 +183,13 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
         max_batch_size: int = 8, compile: bool = False, requests: int = 32, concurrency: int = 16,
         arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
         gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
-        vocab_size: int = 32000, prefill_chunk: Optional[int] = None, repeats: int = 1) -> dict:
+        vocab_size: int = 32000, prefill_chunk: Optional[int] = None, repeats: int = 1,
+        max_prefill_tokens: int = 8192) -> dict:
     """Run the HTTP benchmark and return its results (see main for the arguments)."""
     limit = _check(concurrency, arrival_rate)
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     bs._check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, 1, (), repeats, arrival_rate or None,
-                   seed=seed)
+                   seed=seed, max_prefill_tokens=max_prefill_tokens)
     mode = {"concurrency": limit} if limit else {"arrival_rate": arrival_rate}
     settings = dict(requests=requests, prompt_len=list(prompt_range), max_tokens=list(gen_range), seed=seed,
                     repeats=repeats, **mode)
@@ -347,7 +207,8 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
     decode = CompiledDecodeStep(net) if compile else None
     # Untimed first: the HTTP stack and (with --compile) the decode step warm up on another workload.
     warm = make_workload(2 * max_batch_size, prompt_range, gen_range, net.vocab_size, seed + 1)
-    results = _run_in_process(net, workload, warm, limit, repeats, f"random-{shape}", prefill_chunk, decode)
+    results = _run_in_process(net, workload, warm, limit, repeats, f"random-{shape}", decode, prefill_chunk=prefill_chunk,
+                              max_prefill_tokens=max_prefill_tokens)
     return {
         **settings, "shape": shape, "params": sum(p.numel() for p in net.parameters()), "device": str(device),
         "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
@@ -370,7 +231,8 @@ def format_table(r: dict) -> str:
     else:
         head = [f"llama.bench_http: in-process server, shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), "
                 f"{r['dtype']}, device {r['device']}: {r['device_name']}",
-                f"torch {r['torch']}, {r['max_batch_size']} slots, prefill chunk {r['prefill_chunk']}, "
+                f"torch {r['torch']}, {r['max_batch_size']} slots, prefill chunk {r['prefill_chunk']} "
+                f"({r['max_prefill_tokens']} with none generating), "
                 f"{'compiled decode step, ' if r['compile'] else ''}greedy, EOS disabled, best of {r['repeats']}"]
         if r["load_average_1min"]:
             load = r["load_average_1min"]
@@ -403,7 +265,8 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
          max_batch_size: int = 8, compile: bool = False, requests: int = 32, concurrency: int = 16,
          arrival_rate: Optional[float] = None, prompt_min: int = 16, prompt_max: int = 256, gen_min: int = 16,
          gen_max: int = 128, seed: int = 0, model: Optional[str] = None, api_key: Optional[str] = None,
-         vocab_size: int = 32000, prefill_chunk: Optional[int] = None, repeats: int = 1, json: Optional[str] = None) -> dict:
+         vocab_size: int = 32000, prefill_chunk: Optional[int] = None, repeats: int = 1, json: Optional[str] = None,
+         max_prefill_tokens: int = 8192) -> dict:
     """HTTP serving benchmark: llama.bench_serving's workload sent to /v1/completions; prints a table and optionally
     writes JSON.
 
@@ -429,12 +292,13 @@ def main(url: Optional[str] = None, shape: str = "134M", device: Optional[str] =
         vocab_size: With --url: the random prompts' token ids are below it (32000 is Llama 2's vocabulary).
         prefill_chunk: In process: the most prompt tokens read in one engine step while requests generate; by
             default the engine's (128 on CPU, 512 elsewhere).
+        max_prefill_tokens: In process: the most prompt tokens read in one engine step while no request generates.
         repeats: Runs; the fastest is reported.
         json: A file to write every figure to as JSON; its folder must exist.
     """
     json = check_output_path(json)
     results = run(url, shape, device, dtype, max_batch_size, compile, requests, concurrency, arrival_rate, prompt_min,
-                  prompt_max, gen_min, gen_max, seed, model, api_key, vocab_size, prefill_chunk, repeats)
+                  prompt_max, gen_min, gen_max, seed, model, api_key, vocab_size, prefill_chunk, repeats, max_prefill_tokens)
     report(format_table(results), results, json)
     return results
 

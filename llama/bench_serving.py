@@ -24,7 +24,7 @@ from llama import hf_baseline, quantize as quantization
 from llama.checks import check_positive_int, check_seed
 from llama.compiled import CompiledDecodeStep
 from llama.device import resolve_device, resolve_dtype
-from llama.engine import Engine
+from llama.engine import Engine, check_prefill_options
 from llama.measure import (OtherLoad, check_output_path, copy_bandwidth, device_name, percentile, report,
                            tokens_equal_share, write_json)
 from llama.random_model import NoTextTokenizer, build_random_model
@@ -119,13 +119,12 @@ def _positive_ints(**values) -> None:
 
 
 def _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len, join_chunks,
-                repeats, arrival_rate, max_seq_len=None, seed=0):
+                repeats, arrival_rate, max_seq_len=None, seed=0, max_prefill_tokens=8192):
     """ValueError naming a bad argument; else the join test's chunk sizes as a list, and max_seq_len (by default
     the longest prompt and generation of any run)."""
     _positive_ints(max_batch_size=max_batch_size, requests=requests, prompt_min=prompt_range[0], gen_min=gen_range[0],
                    join_prompt_len=join_prompt_len, repeats=repeats)
-    if prefill_chunk is not None:
-        check_positive_int("prefill_chunk", prefill_chunk)
+    check_prefill_options(prefill_chunk, max_prefill_tokens)
     check_seed(seed)
     for name, (low, high) in (("prompt", prompt_range), ("gen", gen_range)):
         if not isinstance(high, int) or isinstance(high, bool) or high < low:
@@ -185,8 +184,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
     gets the results so far after each part (a long run that is stopped keeps what it measured)."""
     prompt_range, gen_range = (prompt_min, prompt_max), (gen_min, gen_max)
     chunks, max_seq_len = _check_args(max_batch_size, requests, prompt_range, gen_range, prefill_chunk, join_prompt_len,
-                                      join_chunks, repeats, arrival_rate, max_seq_len, seed)
-    check_positive_int("max_prefill_tokens", max_prefill_tokens)
+                                      join_chunks, repeats, arrival_rate, max_seq_len, seed, max_prefill_tokens)
     scheme = quantization.parse_quantize(quantize)
     if scheme is not None and compare_hf:
         raise ValueError("compare_hf runs transformers on the float weights, which a quantized model no longer has; "

@@ -27,6 +27,14 @@ from llama.tokenizer import Tokenizer
 POLICIES = ("continuous", "static")
 
 
+def check_prefill_options(prefill_chunk: Optional[int], max_prefill_tokens: int) -> None:
+    """ValueError naming a bad prefill_chunk (None: the device's default) or max_prefill_tokens, for commands
+    that check their options before reading any weights."""
+    if prefill_chunk is not None:
+        check_positive_int("prefill_chunk", prefill_chunk)
+    check_positive_int("max_prefill_tokens", max_prefill_tokens)
+
+
 class Engine:
     """Schedules requests over the model's KV-cache slots, one step at a time.
 

@@ -21,7 +21,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llama import openai_api as api
-from llama.checks import check_positive_int, is_int
+from llama.checks import is_int
+from llama.engine import check_prefill_options
 from llama.request import StepOutput
 from llama.serving import EngineLoop, QueueFull, ShuttingDown
 
@@ -310,9 +311,7 @@ def check_server_options(port, max_queue, prefill_chunk, max_prefill_tokens, log
         raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
     if not is_int(max_queue) or int(max_queue) < 0:
         raise ValueError(f"max_queue must be an integer >= 0 (requests that may wait beyond the free slots), got {max_queue!r}")
-    if prefill_chunk is not None:
-        check_positive_int("prefill_chunk", prefill_chunk)
-    check_positive_int("max_prefill_tokens", max_prefill_tokens)
+    check_prefill_options(prefill_chunk, max_prefill_tokens)
 
 
 def serve(loop: EngineLoop, config) -> bool:

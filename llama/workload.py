@@ -1,7 +1,7 @@
 """The serving benchmarks' workload and what a run of it records: seeded requests of mixed lengths, arriving at
 once or as a Poisson process, driven through an engine against the wall clock, and the summary figures
 (throughput, time to first token, inter-token latency, slot occupancy). Used by llama.bench_serving (the
-engine driven directly) and llama.bench_http (through a server)."""
+engine driven directly) and llama.bench_http (through a server, and directly)."""
 
 import random
 import time
@@ -62,19 +62,24 @@ class Trace:
         self.tokens = [[] for _ in self.arrivals]
 
 
-def drive(engine: Engine, workload: List[Request], on_step: Optional[Callable[[float], None]] = None) -> Trace:
-    """Run the workload through engine against the wall clock: a request is added once its arrival time has
-    passed, between steps; with nothing to run, wait for the next arrival. on_step(t) after each step."""
+def drive(engine: Engine, workload: List[Request], on_step: Optional[Callable[[float], None]] = None,
+          concurrency: Optional[int] = None) -> Trace:
+    """Run the workload through engine against the wall clock. Without concurrency, a request is added once its
+    arrival time has passed, between steps (with nothing to run, wait for the next arrival). With it, requests are
+    added in order while fewer than concurrency are in the engine, as clients that each send their next request
+    when their last ends (arrivals are then the times they were added). on_step(t) after each step."""
     trace = Trace([r.arrival for r in workload])
     which: Dict[int, int] = {}  # engine's request id -> workload index
     start = time.perf_counter()
-    nxt = 0
+    nxt = in_engine = 0
     while nxt < len(workload) or engine.has_work():
         now = time.perf_counter() - start
-        while nxt < len(workload) and workload[nxt].arrival <= now:
+        while nxt < len(workload) and (in_engine < concurrency if concurrency else workload[nxt].arrival <= now):
             r = workload[nxt]
+            if concurrency:
+                trace.arrivals[nxt] = now
             which[engine.add_request(r.prompt, GREEDY, r.max_gen_len)] = nxt
-            nxt += 1
+            nxt, in_engine = nxt + 1, in_engine + 1
         if not engine.has_work():
             time.sleep(max(0.0, workload[nxt].arrival - now))
             continue
@@ -86,6 +91,7 @@ def drive(engine: Engine, workload: List[Request], on_step: Optional[Callable[[f
             trace.token_times[i] += [t] * len(out.new_tokens)
             if out.error is not None:
                 raise RuntimeError(f"request {i} failed") from out.error
+            in_engine -= out.finished
         trace.running.append(engine.num_running + sum(out.finished for out in outputs))
         if on_step is not None:
             on_step(t)

@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn", reason="the HTTP benchmark needs the server-test 
 from llama import bench_http as bh  # noqa: E402
 from llama.engine import Engine  # noqa: E402
 from llama.random_model import NoTextTokenizer, build_random_model  # noqa: E402
-from llama.workload import drive, make_workload  # noqa: E402
+from llama.workload import make_workload  # noqa: E402
 from tests.conftest import check_exit, launch  # noqa: E402
 
 SMALL = dict(shape="tiny", device="cpu", max_batch_size=3, requests=6, prompt_min=4, prompt_max=20, gen_min=2, gen_max=10)
@@ -30,21 +30,7 @@ def _check(s: dict, gen_tokens: int) -> None:
     assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] <= s["itl_p99_s"]
 
 
-def test_closed_loop_keeps_at_most_concurrency_requests_in_the_engine():
-    model = build_random_model("tiny", torch.device("cpu"), torch.float32, 64, 4)
-    engine = Engine(model, NoTextTokenizer(model.vocab_size))
-    workload = make_workload(7, (4, 12), (2, 6), model.vocab_size, seed=1)
-    trace = bh.drive_closed_loop(engine, workload, concurrency=2)
-    assert [len(t) for t in trace.tokens] == [r.max_gen_len for r in workload]
-    assert max(trace.running) == 2 and trace.arrivals == sorted(trace.arrivals)
-    # Request i + 2 is added only once an earlier one has ended.
-    ends = sorted(times[-1] for times in trace.token_times)
-    assert all(trace.arrivals[i + 2] >= ends[i] for i in range(5))
-    # The same tokens as bench_serving's open-loop driver (greedy, EOS off).
-    assert trace.tokens == drive(Engine(model, NoTextTokenizer(model.vocab_size)), workload).tokens
-
-
-@pytest.mark.parametrize("mode", [dict(concurrency=2), dict(arrival_rate=40.0)])
+@pytest.mark.parametrize("mode", [dict(concurrency=2), dict(arrival_rate=40.0, max_prefill_tokens=16)])
 def test_in_process_run_reports_http_and_engine_figures(mode, capsys):
     r = bh.main(**SMALL, **mode)
     gen = sum(x.max_gen_len for x in make_workload(6, (4, 20), (2, 10), 512, seed=0))
@@ -62,8 +48,10 @@ def test_in_process_run_reports_http_and_engine_figures(mode, capsys):
     for run in ("http", "engine"):
         assert 0 < r[run]["engine_busy_s"] <= r[run]["wall_s"] and r[run]["engine_steps"] > 0
     assert r["engine"]["engine_steps"] == r["engine"]["steps"]
+    assert (r["prefill_chunk"], r["max_prefill_tokens"]) == (128, mode.get("max_prefill_tokens", 8192))  # CPU's defaults
     table = capsys.readouterr().out
     assert "% of the engine's own" in table and "HTTP" in table
+    assert f"prefill chunk 128 ({r['max_prefill_tokens']} with none generating)" in table
     assert ("2 concurrent clients" if "concurrency" in mode else "Poisson arrivals, 40 requests/s") in table
 
 
@@ -98,6 +86,9 @@ def test_bad_arguments():
         bh.run(**SMALL, arrival_rate=-1.0)
     with pytest.raises(ValueError, match="gen_min must be at least 2"):
         bh.run(**{**SMALL, "gen_min": 1})
+    for name in ("prefill_chunk", "max_prefill_tokens"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            bh.run(**SMALL, **{name: 0})
 
 
 def _free_port() -> int:

@@ -59,3 +59,17 @@ def test_drive_adds_a_request_once_its_arrival_time_has_passed():
     assert 0 <= s["ttft_p50_s"] <= s["ttft_p99_s"]
     # The first request ran alone (3 steps), the engine idled, then the second ran alone: half the slots.
     assert trace.running == [1] * 6 and s["occupancy_mean"] == 0.5
+
+
+def test_closed_loop_keeps_at_most_concurrency_requests_in_the_engine():
+    model = build_random_model("tiny", torch.device("cpu"), torch.float32, 64, 4)
+    engine = Engine(model, NoTextTokenizer(model.vocab_size))
+    workload = make_workload(7, (4, 12), (2, 6), model.vocab_size, seed=1)
+    trace = drive(engine, workload, concurrency=2)
+    assert [len(t) for t in trace.tokens] == [r.max_gen_len for r in workload]
+    assert max(trace.running) == 2 and trace.arrivals == sorted(trace.arrivals)
+    # Request i + 2 is added only once an earlier one has ended.
+    ends = sorted(times[-1] for times in trace.token_times)
+    assert all(trace.arrivals[i + 2] >= ends[i] for i in range(5))
+    # The same tokens as the open-loop drive (greedy, EOS off).
+    assert trace.tokens == drive(Engine(model, NoTextTokenizer(model.vocab_size)), workload).tokens
