@@ -20,7 +20,7 @@ from llama.checks import as_float, check_positive_int
 from llama.request import Completion, RequestSpec, StepOutput, make_spec
 from llama.model import Part
 from llama.sampling import SamplingParams, TokenHistory, next_tokens
-from llama.scheduling import Plan, Running, feeding_groups, plan_step
+from llama.scheduling import Plan, Running, decode_batch, feeding_groups, plan_step
 from llama.streaming import IncrementalDecoder
 from llama.tokenizer import Tokenizer
 
@@ -320,17 +320,7 @@ class Engine:
                     output_index=torch.tensor([n - 1 for _, n in group], device=self.device))
 
     def _decode_rows(self, decoding: List[Running]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """The decode step's inputs: one token for each decoding request, in a batch over slots 0..the highest
-        one in use, so the cache is read in place (tokens (n, 1), positions (n, 1), kv_len). A slot without a
-        decoding request gets a stand-in row at the last cache position: written there before any real token is
-        (a sequence writes a position before it reads it), never read. The caller keeps the decoding rows."""
-        n = max(r.slot for r in decoding) + 1
-        last = self.max_seq_len - 1
-        tokens, positions = [0] * n, [last] * n
-        for r in decoding:
-            tokens[r.slot] = r.generated[-1]
-            positions[r.slot] = len(r.spec.prompt) + len(r.generated) - 1
-        kv_len = max(positions[r.slot] for r in decoding) + 1
+        tokens, positions, kv_len = decode_batch(decoding, self.max_seq_len)
         return (torch.tensor(tokens, device=self.device)[:, None], torch.tensor(positions, device=self.device)[:, None],
                 kv_len)
 

@@ -35,6 +35,19 @@ class Running:
         return self.fed == len(self.spec.prompt)
 
 
+def decode_batch(decoding: List[Running], max_seq_len: int) -> Tuple[List[int], List[int], int]:
+    """The decode step's rows for the decoding requests: (tokens, positions, kv_len), one row per slot from 0 to the
+    highest one in use, so the cache is read in place. A slot without a decoding request gets a stand-in row at the
+    last cache position: written there before any real token is (a sequence writes a position before it reads it),
+    never read. The caller keeps the decoding requests' rows."""
+    n = max(r.slot for r in decoding) + 1
+    tokens, positions = [0] * n, [max_seq_len - 1] * n
+    for r in decoding:
+        tokens[r.slot] = r.generated[-1]
+        positions[r.slot] = len(r.spec.prompt) + len(r.generated) - 1
+    return tokens, positions, max(positions[r.slot] for r in decoding) + 1
+
+
 def feeding_groups(chunks: List[Tuple[Running, int]], cache_len: int, waste: float) -> List[List[Tuple[Running, int]]]:
     """Prompt chunks (request, tokens) in groups, each fed as one batch padded to its longest chunk (one part of
     the step's forward call, with one attention call per layer): a group holds at most `waste` times the tokens

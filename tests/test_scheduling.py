@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from llama.scheduling import feeding_groups
+from llama.scheduling import decode_batch, feeding_groups
 
 
 def test_feeding_groups_pad_little_and_never_past_the_cache():
@@ -18,3 +18,14 @@ def test_feeding_groups_pad_little_and_never_past_the_cache():
     like_b, like_c = request(0), request(3)
     groups = feeding_groups([(b, 9), (like_b, 9), (a, 10), (c, 3), (scored, 9), (f, 8), (like_c, 3)], cache_len=64, waste=1.0)
     assert [[r for r, _ in g] for g in groups] == [[a], [b, like_b], [scored], [f], [c, like_c]]
+
+
+def test_decode_batch_has_a_row_per_slot_up_to_the_highest_in_use():
+    def request(slot, prompt_len, generated):
+        return SimpleNamespace(slot=slot, spec=SimpleNamespace(prompt=[1] * prompt_len), generated=generated)
+
+    # Slots 0 and 2 decode (slot 1 is free or still reading its prompt); slot 3 and above are left out.
+    tokens, positions, kv_len = decode_batch([request(2, 5, [7, 8]), request(0, 3, [9])], max_seq_len=64)
+    assert tokens == [9, 0, 8]  # each row feeds its request's last token
+    assert positions == [3, 63, 6]  # the position that token takes; the stand-in row at the cache's last one
+    assert kv_len == 7  # the keys the longest real row reads
