@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 
 from llama.hf_write import save_hf
 from llama.quantized_linear import QuantScheme
-from llama.random_model import SHAPES
+from llama.random_model import SHAPES, STAND_IN_MIN_VOCAB, stand_in_tokenizer
 
 CONVERTER = "convert_hf_to_gguf.py"
 DIR_VARIABLE = "LLAMA_CPP_DIR"  # a llama.cpp source tree, built in build/ (README's commands)
@@ -32,7 +31,6 @@ BUILD_HINT = ("build llama.cpp as README.md says ('Against llama.cpp'), then pas
               "(or set LLAMA_CPP_DIR to its source directory)")
 _FLOAT_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _SCAN_PARENTS = 4  # build/bin/llama-bench sits 2 levels below the source tree; allow an extra level or two
-_STAND_IN_MIN_VOCAB = 3 + 256  # <unk> <s> </s> and the 256 byte pieces llama.cpp looks up (<0x0A> for newline)
 
 
 class LlamaCppError(OSError):
@@ -146,9 +144,9 @@ def locate(compare: Union[bool, str, None], llamacpp_dir: Optional[str], tokeniz
     kind = gguf_type(dtype, scheme.bits if scheme is not None else None)
     vocab_size = SHAPES[shape]["vocab_size"]
     token_file = check_tokenizer(tokenizer, vocab_size) if tokenizer is not None else None
-    if token_file is None and vocab_size < _STAND_IN_MIN_VOCAB:
+    if token_file is None and vocab_size < STAND_IN_MIN_VOCAB:
         raise ValueError(f"--compare_llamacpp: a vocabulary of {vocab_size} is too small for the stand-in tokenizer "
-                         f"(llama.cpp looks up {_STAND_IN_MIN_VOCAB} byte and special pieces); pass "
+                         f"(llama.cpp looks up {STAND_IN_MIN_VOCAB} byte and special pieces); pass "
                          f"--llamacpp_tokenizer with a SentencePiece model of {vocab_size} pieces")
     bench = _find_bench(compare)
     if isinstance(bench, str):
@@ -161,48 +159,6 @@ def locate(compare: Union[bool, str, None], llamacpp_dir: Optional[str], tokeniz
         return LlamaCpp(bench=bench, converter=converter, gguf_type=kind,
                         skipped=f"q4_0 needs llama-quantize beside {bench} (build the llama-quantize target too)")
     return LlamaCpp(bench, converter, quantizer, _tool(bench, "llama-batched-bench"), kind, token_file)
-
-
-# --- a stand-in tokenizer ------------------------------------------------------------------------
-# The converter needs a SentencePiece tokenizer.model to write the vocabulary; the benchmark feeds token ids and
-# never text, so any vocabulary of the model's size does. This writes one without protobuf (which sentencepiece's
-# own model writer needs and the project does not depend on): the wire format of sentencepiece_model.proto's
-# ModelProto, the fields llama.cpp reads.
-
-_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6  # ModelProto.SentencePiece.Type
-_BPE = 2  # TrainerSpec.ModelType, as Llama 2's
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    """One protobuf field: wire type 0 (varint, payload already encoded), 2 (length-delimited) or 5 (32-bit)."""
-    key = _varint(number << 3 | wire_type)
-    return key + (_varint(len(payload)) + payload if wire_type == 2 else payload)
-
-
-def stand_in_tokenizer(vocab_size: int) -> bytes:
-    """A SentencePiece model of vocab_size pieces: <unk>, <s> (1), </s> (2) as Llama 2's, the 256 byte pieces, then
-    placeholder words."""
-    if vocab_size < _STAND_IN_MIN_VOCAB:
-        raise ValueError(f"a stand-in tokenizer needs at least {_STAND_IN_MIN_VOCAB} pieces, not {vocab_size}")
-    pieces = [("<unk>", 0.0, _UNKNOWN), ("<s>", 0.0, _CONTROL), ("</s>", 0.0, _CONTROL)]
-    pieces += [(f"<0x{b:02X}>", 0.0, _BYTE) for b in range(256)]
-    pieces += [(f"\u2581w{i}", -float(i), _NORMAL) for i in range(vocab_size - len(pieces))]
-    model = b"".join(
-        _field(1, 2, _field(1, 2, text.encode()) + _field(2, 5, struct.pack("<f", score)) + _field(3, 0, _varint(kind)))
-        for text, score, kind in pieces
-    )
-    # trainer_spec (2): model_type (3), vocab_size (4), byte_fallback (35).
-    trainer = _field(3, 0, _varint(_BPE)) + _field(4, 0, _varint(vocab_size)) + _field(35, 0, _varint(1))
-    return model + _field(2, 2, trainer)
 
 
 # --- running llama.cpp ---------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Random models of named shapes for the benchmarks: no weights or tokenizer needed."""
+"""Random models of named shapes for the benchmarks (no weights or tokenizer needed), their stand-in tokenizer, and
+a stand-in SentencePiece file of any vocabulary size for llama.cpp's converter."""
 
+import struct
 from typing import Dict
 
 import torch
@@ -68,3 +70,45 @@ def build_random_model(shape: str, device: torch.device, dtype: torch.dtype, max
                 weight.normal_(0.0, scale * in_features ** -0.5, generator=g)
     model.setup_cache()
     return model.eval()
+
+
+# A stand-in SentencePiece file: llama.cpp's GGUF converter needs a tokenizer.model to write the vocabulary; the
+# benchmark feeds token ids and never text, so any vocabulary of the model's size does. This writes one without
+# protobuf (which sentencepiece's own model writer needs and the project does not depend on): the wire format of
+# sentencepiece_model.proto's ModelProto, the fields llama.cpp reads.
+
+_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6  # ModelProto.SentencePiece.Type
+_BPE = 2  # TrainerSpec.ModelType, as Llama 2's
+STAND_IN_MIN_VOCAB = 3 + 256  # <unk> <s> </s> and the 256 byte pieces llama.cpp looks up (<0x0A> for newline)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    """One protobuf field: wire type 0 (varint, payload already encoded), 2 (length-delimited) or 5 (32-bit)."""
+    key = _varint(number << 3 | wire_type)
+    return key + (_varint(len(payload)) + payload if wire_type == 2 else payload)
+
+
+def stand_in_tokenizer(vocab_size: int) -> bytes:
+    """A SentencePiece model of vocab_size pieces: <unk>, <s> (1), </s> (2) as Llama 2's, the 256 byte pieces, then
+    placeholder words."""
+    if vocab_size < STAND_IN_MIN_VOCAB:
+        raise ValueError(f"a stand-in tokenizer needs at least {STAND_IN_MIN_VOCAB} pieces, not {vocab_size}")
+    pieces = [("<unk>", 0.0, _UNKNOWN), ("<s>", 0.0, _CONTROL), ("</s>", 0.0, _CONTROL)]
+    pieces += [(f"<0x{b:02X}>", 0.0, _BYTE) for b in range(256)]
+    pieces += [(f"\u2581w{i}", -float(i), _NORMAL) for i in range(vocab_size - len(pieces))]
+    model = b"".join(
+        _field(1, 2, _field(1, 2, text.encode()) + _field(2, 5, struct.pack("<f", score)) + _field(3, 0, _varint(kind)))
+        for text, score, kind in pieces
+    )
+    # trainer_spec (2): model_type (3), vocab_size (4), byte_fallback (35).
+    trainer = _field(3, 0, _varint(_BPE)) + _field(4, 0, _varint(vocab_size)) + _field(35, 0, _varint(1))
+    return model + _field(2, 2, trainer)

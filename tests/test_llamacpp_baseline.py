@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import bench, llamacpp_baseline
+from llama import bench, llamacpp_baseline, random_model
 from llama.llamacpp_baseline import LlamaCppError
 from llama.quantized_linear import QuantScheme
 
@@ -238,14 +238,14 @@ def test_gguf_types():
 def test_stand_in_tokenizer_and_the_tokenizer_flag(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
     path = tmp_path / "tokenizer.model"
-    path.write_bytes(llamacpp_baseline.stand_in_tokenizer(300))
+    path.write_bytes(random_model.stand_in_tokenizer(300))
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     assert sp.vocab_size() == 300 and sp.bos_id() == 1 and sp.eos_id() == 2 and sp.unk_id() == 0
     assert sp.IsControl(1) and sp.IsControl(2) and sp.IsUnknown(0)
     assert sp.IsByte(3) and sp.IdToPiece(3 + 0x0A) == "<0x0A>"  # llama.cpp looks up the newline byte
     assert not sp.IsByte(259) and sp.IdToPiece(299) == "\u2581w40"
     with pytest.raises(ValueError, match="needs at least 259 pieces, not 100"):
-        llamacpp_baseline.stand_in_tokenizer(100)
+        random_model.stand_in_tokenizer(100)
     # A tokenizer given must fit the model's vocabulary (the converter would silently pad or cut it).
     assert llamacpp_baseline.check_tokenizer(str(path), 300) == path
     with pytest.raises(ValueError, match=f"--llamacpp_tokenizer {path} has 300 pieces, the model's vocabulary 512"):
