@@ -27,67 +27,14 @@ from llama import hf_baseline, llamacpp_baseline
 from llama import quantize as quantization
 from llama.generation import Llama
 from llama.measure import (  # noqa: F401 (quantization_error: bench.quantization_error)
-    PeakMemory, agreement, check_output_path, copy_bandwidth, decode_bytes_per_step, device_name, quantization_error,
-    reduce, report, time_calls, tokens_equal_share, weight_bytes,
+    PeakMemory, agreement, check_output_path, copy_bandwidth, decode_bytes_per_step, decode_speed, device_name,
+    quantization_error, reduce, report, time_generators, tokens_equal_share, weight_bytes,
 )
 from llama.model import Transformer
 from llama.random_model import SHAPES, NoTextTokenizer, build_random_model  # noqa: F401 (SHAPES: bench.SHAPES)
 
 
 # --- runs ----------------------------------------------------------------------------------------
-
-
-def _speed(t_one: List[float], t_all: List[float], batch: int, prompt_len: int, gen_len: int,
-           step_bytes: Optional[int]) -> dict:
-    """Speeds from the times of generating 1 token and gen_len tokens for batch prompts.
-
-    A run of gen_len tokens is one prefill (which gives the first token) and gen_len - 1 decode
-    steps, so a decode step takes (best long run - best 1-token run) / (gen_len - 1). The best of
-    the repeats is taken because interference (other processes, a descheduled thread) only ever adds
-    time; every time is kept in the results. Where noise leaves the long runs no slower than the
-    short ones, the decode figures are None.
-    """
-    first, whole = min(t_one), min(t_all)
-    step = (whole - first) / (gen_len - 1) if whole > first else None
-    out = {
-        "batch": batch,
-        "ttft_s": first,
-        "prefill_tok_s": batch * prompt_len / first,
-        "total_s": whole,
-        "decode_step_s": step,
-        "decode_tok_s": batch / step if step else None,
-        "e2e_tok_s": batch * gen_len / whole,
-        "times_first_s": t_one,
-        "times_total_s": t_all,
-    }
-    if step_bytes is not None:
-        out["bytes_per_step"] = step_bytes
-        out["achieved_gbs"] = step_bytes / step / 1e9 if step else None
-    return out
-
-
-def _bench_generate(generators: Dict[str, Callable[[List[List[int]], int], List[List[int]]]], prompts: List[List[int]],
-                    gen_len: int, device: torch.device, warmup: int, repeats: int) -> Dict[str, tuple]:
-    """{name: (times of 1-token runs, times of gen_len-token runs, the tokens of the last long run)}.
-
-    The generators take turns within each repeat, so that other load on the machine falls on all alike.
-    """
-    tokens: Dict[str, List[List[int]]] = {}
-    times = {name: ([], []) for name in generators}
-    for i in range(warmup + repeats):
-        for which, n in enumerate((1, gen_len)):
-            for name, generate in generators.items():
-                def run():
-                    tokens[name] = generate(prompts, n)
-
-                t = time_calls(run, device, warmup=0, repeats=1)[0]
-                if i >= warmup:
-                    times[name][which].append(t)
-    for name, rows in tokens.items():
-        lengths = {len(t) for t in rows}
-        if lengths != {gen_len}:
-            raise RuntimeError(f"{name}: generation gave {sorted(lengths)} new tokens per row, not {gen_len}: the timing would be wrong")
-    return {name: (t_one, t_all, tokens[name]) for name, (t_one, t_all) in times.items()}
 
 
 def _check_run_args(prompt_len: int, gen_len: int, batch: int, warmup: int, repeats: int, n_agree: int,
@@ -162,14 +109,14 @@ def _time_batches(results: dict, generators: dict, prompts: List[List[int]], bat
         # The bytes every rank reads at once: the sum over ranks (kv heads replicated on ranks beyond them count each time).
         step = {k: int(v) for k, v in zip(("weights", "kv", "total"), reduce(
             list(decode_bytes_per_step(model, b, prompt_len, gen_len).values()), device, dist.ReduceOp.SUM))}
-        timed = _bench_generate(generators, prompts[:b], gen_len, device, results["warmup"], results["repeats"])
+        timed = time_generators(generators, prompts[:b], gen_len, device, results["warmup"], results["repeats"])
         t_one, t_all, tokens = timed["ours"]
-        ref = results["ours"][str(b)] = {**_speed(t_one, t_all, b, prompt_len, gen_len, step["total"]),
+        ref = results["ours"][str(b)] = {**decode_speed(t_one, t_all, b, prompt_len, gen_len, step["total"]),
                                          "weight_bytes_per_step": step["weights"], "kv_bytes_per_step": step["kv"]}
         if "hf" in generators:
             t_one, t_all, hf_tokens = timed["hf"]
             hf_bytes = int(sum(reduce([baseline_step_bytes[b]], device, dist.ReduceOp.SUM)))
-            theirs = results["hf"][str(b)] = _speed(t_one, t_all, b, prompt_len, gen_len, hf_bytes)
+            theirs = results["hf"][str(b)] = decode_speed(t_one, t_all, b, prompt_len, gen_len, hf_bytes)
             ok = ref["decode_tok_s"] and theirs["decode_tok_s"]
             results["speedup_decode"][str(b)] = ref["decode_tok_s"] / theirs["decode_tok_s"] if ok else None
             results["speedup_e2e"][str(b)] = ref["e2e_tok_s"] / theirs["e2e_tok_s"]

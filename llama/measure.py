@@ -1,5 +1,6 @@
 """Measuring helpers for the benchmarks: timing with the device synchronised, peak memory, the device's
-copy bandwidth, percentiles, CPU time (of other processes, of this one's threads), and the device's name.
+copy bandwidth, generation speeds from timed runs, percentiles, CPU time (of other processes, of this one's
+threads), and the device's name.
 
 Under torchrun the timed calls start together on every rank (a barrier before each) and reduce()
 combines a figure over the ranks; in a single process both do nothing.
@@ -50,6 +51,59 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repe
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def decode_speed(t_one: List[float], t_all: List[float], batch: int, prompt_len: int, gen_len: int,
+           step_bytes: Optional[int]) -> dict:
+    """Speeds from the times of generating 1 token and gen_len tokens for batch prompts.
+
+    A run of gen_len tokens is one prefill (which gives the first token) and gen_len - 1 decode
+    steps, so a decode step takes (best long run - best 1-token run) / (gen_len - 1). The best of
+    the repeats is taken because interference (other processes, a descheduled thread) only ever adds
+    time; every time is kept in the results. Where noise leaves the long runs no slower than the
+    short ones, the decode figures are None.
+    """
+    first, whole = min(t_one), min(t_all)
+    step = (whole - first) / (gen_len - 1) if whole > first else None
+    out = {
+        "batch": batch,
+        "ttft_s": first,
+        "prefill_tok_s": batch * prompt_len / first,
+        "total_s": whole,
+        "decode_step_s": step,
+        "decode_tok_s": batch / step if step else None,
+        "e2e_tok_s": batch * gen_len / whole,
+        "times_first_s": t_one,
+        "times_total_s": t_all,
+    }
+    if step_bytes is not None:
+        out["bytes_per_step"] = step_bytes
+        out["achieved_gbs"] = step_bytes / step / 1e9 if step else None
+    return out
+
+
+def time_generators(generators: Dict[str, Callable[[List[List[int]], int], List[List[int]]]], prompts: List[List[int]],
+                    gen_len: int, device: torch.device, warmup: int, repeats: int) -> Dict[str, tuple]:
+    """{name: (times of 1-token runs, times of gen_len-token runs, the tokens of the last long run)}.
+
+    The generators take turns within each repeat, so that other load on the machine falls on all alike.
+    """
+    tokens: Dict[str, List[List[int]]] = {}
+    times = {name: ([], []) for name in generators}
+    for i in range(warmup + repeats):
+        for which, n in enumerate((1, gen_len)):
+            for name, generate in generators.items():
+                def run():
+                    tokens[name] = generate(prompts, n)
+
+                t = time_calls(run, device, warmup=0, repeats=1)[0]
+                if i >= warmup:
+                    times[name][which].append(t)
+    for name, rows in tokens.items():
+        lengths = {len(t) for t in rows}
+        if lengths != {gen_len}:
+            raise RuntimeError(f"{name}: generation gave {sorted(lengths)} new tokens per row, not {gen_len}: the timing would be wrong")
+    return {name: (t_one, t_all, tokens[name]) for name, (t_one, t_all) in times.items()}
 
 
 def reduce(values: List[float], device: torch.device, op) -> List[float]:
