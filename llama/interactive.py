@@ -134,19 +134,9 @@ def run_chat(
 
     notify(GREETING)
     while True:
-        try:
-            line = read_line()
-        except KeyboardInterrupt:
-            if not catch_interrupt:
-                raise
-            write("\n")
-            continue
-        if line is None:
+        text = _next_message(read_line, write, notify, catch_interrupt)
+        if text is None:
             break
-        if not _is_valid_unicode(line):
-            notify("[the line could not be read: it is not valid UTF-8; nothing was sent]")
-            continue
-        text = line.strip()
         if not text:
             continue
 
@@ -176,6 +166,24 @@ def run_chat(
         if reply is not None:
             history.add(text, reply)
     return history
+
+
+def _next_message(read_line: ReadLine, write: Write, notify: Write, catch_interrupt: bool) -> Optional[str]:
+    """The next input line, stripped: None at end of input, "" for nothing to send (a blank or unreadable line, or
+    Ctrl-C at the prompt)."""
+    try:
+        line = read_line()
+    except KeyboardInterrupt:
+        if not catch_interrupt:
+            raise
+        write("\n")
+        return ""
+    if line is None:
+        return None
+    if not _is_valid_unicode(line):
+        notify("[the line could not be read: it is not valid UTF-8; nothing was sent]")
+        return ""
+    return line.strip()
 
 
 def _run_command(text: str, history: ChatHistory, notify: Write) -> Optional[str]:
