@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from llama.model import ModelArgs, Part, RMSNorm, Transformer, apply_rope, rope_table
+from llama.model import Linear, ModelArgs, Part, RMSNorm, Transformer, apply_rope, rope_table
 from llama.parallel import parallelize
 from tests.checkpoints import random_state_dict, tiny_params
 from tests.naive_llama import naive_logits, rotary
@@ -217,6 +218,33 @@ def test_the_model_is_built_for_one_device():
     model = Transformer(ModelArgs(**tiny_params(VOCAB, n_kv_heads=2), max_seq_len=16, max_batch_size=2))
     attention = model.layers[0].attention
     assert (attention.n_local_heads, attention.n_local_kv_heads) == (4, 2)
-    assert type(attention.wk) is nn.Linear and attention.wk.weight.shape == (32, 64)
-    assert type(model.tok_embeddings) is nn.Embedding and type(model.output) is nn.Linear
-    assert parallelize(model) is model and type(attention.wq) is nn.Linear and attention.n_local_heads == 4
+    assert type(attention.wk) is Linear and attention.wk.weight.shape == (32, 64)  # llama.model's nn.Linear
+    assert type(model.tok_embeddings) is nn.Embedding and type(model.output) is Linear
+    assert parallelize(model) is model and type(attention.wq) is Linear and attention.n_local_heads == 4
+
+
+@pytest.mark.parametrize("rows", [1, 8, 12, 32, 33])
+def test_linear_equals_the_formula_for_any_number_of_rows(rows):
+    torch.manual_seed(0)
+    layer = Linear(48, 20, bias=False)
+    x = torch.randn(rows, 1, 48)  # a decode step's (batch, 1, dim)
+    expected = (x.double() @ layer.weight.double().t()).float()
+    got = layer(x)
+    assert got.shape == (rows, 1, 20)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    layer.to(torch.bfloat16)  # other dtypes keep F.linear
+    torch.testing.assert_close(layer(x.bfloat16()), F.linear(x.bfloat16(), layer.weight), atol=0, rtol=0)
+
+
+def test_linear_stays_a_plain_linear_in_compiled_graphs():
+    """Inductor matches F.linear to its own (oneDNN, template) kernels: the eager operand order must not reach it."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    layer = Linear(48, 20, bias=False)
+    torch._dynamo.reset()
+    torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(8, 1, 48))
+    assert any("linear" in t for t in seen) and not any("matmul" in t for t in seen), seen
