@@ -47,15 +47,18 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+_MKL = torch.backends.mkl.is_available()
+
+
 class Linear(nn.Linear):
-    """nn.Linear, except that in eager float32 on the CPU it multiplies 8 to 32 rows (a decode step's batch) as
-    weight @ x^T: for that operand order MKL's sgemm streams a weight that is not in cache faster than for
+    """nn.Linear, except that in eager float32 on a CPU with MKL it multiplies 8 to 32 rows (a decode step's batch)
+    as weight @ x^T: for that operand order MKL's sgemm streams a weight that is not in cache faster than for
     x @ weight^T, which it handles well only for a single row or for many. Compiled and exported graphs keep
     F.linear, which inductor matches to its own kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (8 <= rows <= 32 and x.device.type == "cpu" and x.dtype == torch.float32 and self.bias is None
+        if (8 <= rows <= 32 and _MKL and x.device.type == "cpu" and x.dtype == torch.float32 and self.bias is None
                 and not torch.compiler.is_compiling()):
             return (self.weight @ x.reshape(rows, self.in_features).t()).t().reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
