@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 ONEDNN_PACKED_ROWS = 8  # float32 on CPU: oneDNN's prepacked weights suit 1 to 32 rows best packed for 8
 
 
+def _weight_only_quantized(model: Transformer) -> bool:
+    """Whether the model has int8 or int4 layers that keep their input in floating point (not w8a8)."""
+    return any(isinstance(m, QuantizedLinear) and not m.scheme.activations for m in model.modules())
+
+
 def _onednn_matmuls(model: Transformer) -> bool:
     """Whether the CPU step's matmuls go to oneDNN rather than inductor's C++ template: for a float32 model with no
     quantized layers, on a CPU with AVX-512, where oneDNN was the faster; on AVX2-only CPUs the template was
@@ -154,8 +159,12 @@ class CompiledDecodeStep:
         # Ahead of time, kept on disk: CPU in one process only (see the module docstring).
         single = self.device.type == "cpu" and model_parallel_world_size() == 1
         self._package_dir = compile_cache.cache_dir() if single else None
-        self._package: Optional[Callable] = None
-        self._package_for: Optional[tuple] = None  # (cache shape, GEMM backends) the package was made for
+        self._packages: Dict[tuple, Callable] = {}  # by (cache shape, GEMM backends, one_row)
+        # inductor's GEMM template multiplies a weight-only quantized layer with a kernel for small batches only
+        # when the batch size is fixed and under 5 (for a dynamic one it takes AMX's or a large-batch blocking),
+        # so a step of one row gets a package of its own there: one more copy of the quantized weights, for a
+        # faster batch-1 decode (README, "Compiled decoding and quantized weights").
+        self.one_row_package = _weight_only_quantized(model)
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
         # Generation never needs all max_len positions: the token at the last one is generated, never fed
@@ -206,7 +215,8 @@ class CompiledDecodeStep:
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
         if self._package_dir is not None:
             try:
-                package = self._ahead_of_time(tokens, positions, key_slots)
+                package = self._ahead_of_time(tokens, positions, key_slots,
+                                              one_row=self.one_row_package and tokens.shape[0] == 1)
             except Exception as error:
                 if "NoValidChoicesError" in repr(error):
                     raise
@@ -238,18 +248,19 @@ class CompiledDecodeStep:
                 torch._dynamo.maybe_mark_dynamic(positions, 0)
         return tokens, positions
 
-    def _ahead_of_time(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> Callable:
-        """The package for this model, cache shape and GEMM backends; it takes the KV cache as inputs."""
-        made_for = (self.model.cache_shape, self._gemm_backends)
-        if self._package_for != made_for:
+    def _ahead_of_time(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor, one_row: bool) -> Callable:
+        """The package for this model, cache shape and GEMM backends, for any number of rows or (one_row) for one
+        row only; it takes the KV cache as inputs."""
+        made_for = (self.model.cache_shape, self._gemm_backends, one_row)
+        if made_for not in self._packages:
             slots, max_len = self.model.cache_shape
             # The sizes that vary are the ones _one_graph_rows marks dynamic for torch.compile; exported from an
             # example of several rows, the package serves a single row as it is (no padding row).
-            batch = {0: torch.export.Dim("batch", min=1, max=slots)} if slots >= 2 else None
+            batch = {0: torch.export.Dim("batch", min=1, max=slots)} if slots >= 2 and not one_row else None
             min_keys = max(2, (self._module.attention_block or 0) + 1)  # _key_slots_for
             keys = {0: torch.export.Dim("keys", min=min_keys, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
-                        "gemm": self._gemm_backends, "attention_block": self._module.attention_block}
+                        "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row}
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)
@@ -258,13 +269,12 @@ class CompiledDecodeStep:
             cache, row_ends = self._cache_tensors(), self._row_ends(positions)
             # Exported without its cache buffers: the inputs stand in for them.
             with _layer_caches(self.model, [None] * len(self.model.layers)):
-                self._package = compile_cache.load_or_compile(
+                self._packages[made_for] = compile_cache.load_or_compile(
                     self._module, (tokens, positions, key_slots, row_ends, *cache),
                     (batch, batch, keys, None, (None,) * len(cache)),
                     self._cpu_configs(), path
                 )
-            self._package_for = made_for
-        return self._package
+        return self._packages[made_for]
 
     def _cache_tensors(self) -> list:
         """The model's current KV cache (setup_cache() may have made new tensors), as the package takes it."""

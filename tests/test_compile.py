@@ -53,8 +53,8 @@ def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny
     assert len(packages) == 1 and len(list(tmp_path.glob("decode-*.pt2"))) == 1
     # The package takes a single row as it is (torch.compile in-process needs a second, padding row).
     step, rows = compiled.engine._decode, []
-    package = step._package
-    step._package = lambda tokens, *rest: rows.append(tokens.shape[0]) or package(tokens, *rest)
+    ((made_for, package),) = step._packages.items()
+    step._packages[made_for] = lambda tokens, *rest: rows.append(tokens.shape[0]) or package(tokens, *rest)
     assert compiled.generate(prompts[:1], max_gen_len=3, temperature=0)[0] == eager.generate(prompts[:1], max_gen_len=3, temperature=0)[0]
     assert rows == [1, 1]
     # The KV cache is the step's input, not a constant stored in the package (it would be GBs of zeros).
@@ -135,6 +135,15 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
     torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
     # w8a8's matmuls are oneDNN's int8 linear after freezing: without the template that kernel runs as it is.
     assert step._gemm_backends == ("CPP" if template_can or quantize == "w8a8" else "CPP,ATEN")
+    if not (ahead_of_time and template_can):
+        return
+    # A step of one row: a package of its own for weight-only int8 (the template's small-batch kernel), the same
+    # package as for more rows under w8a8.
+    with torch.compiler.config.patch(force_disable_caches=True):
+        one = step(tokens[:1], positions[:1])
+    torch.testing.assert_close(one, expected[:1], atol=atol, rtol=1e-4)
+    assert sorted(one_row for _, _, one_row in step._packages) == ([False, True] if quantize == "int8" else [False])
+    assert len(list(tmp_path.glob("decode-*.pt2"))) == len(step._packages)
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
