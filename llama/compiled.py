@@ -15,6 +15,8 @@ of the model's matmul weights in memory (the eager weights still serve prefill),
 see later in-place changes to the weights. Every graph compiled holds such a copy, so one graph
 serves every batch size: the batch dimension is compiled as dynamic. torch.compile always specialises
 a size of 1, so there a batch of one is padded to two rows; the ahead-of-time package takes it as it is.
+One exception: a model with weight-only quantized layers gets a second package for steps of one row,
+since inductor's template has its small-batch kernels for those layers only when the batch is fixed.
 
 On CPU in a single process the step is compiled ahead of time and kept on disk (llama/compile_cache.py),
 so only the first process on a machine pays for compiling; CUDA (CUDA graphs) and model parallelism
