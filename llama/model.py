@@ -57,10 +57,12 @@ class Linear(nn.Linear):
     F.linear, which inductor matches to its own kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if (8 <= rows <= 32 and _MKL and x.device.type == "cpu" and x.dtype == torch.float32 and self.bias is None
-                and not torch.compiler.is_compiling()):
-            return (self.weight @ x.reshape(rows, self.in_features).t()).t().reshape(*x.shape[:-1], self.out_features)
+        # is_compiling() first: tracing must never compare rows, or the graph is guarded to its example's batch
+        # size (export then refuses a dynamic batch whose example has 8 rows or more).
+        if not torch.compiler.is_compiling() and _MKL and x.device.type == "cpu" and x.dtype == torch.float32 and self.bias is None:
+            rows = x.numel() // self.in_features
+            if 8 <= rows <= 32:
+                return (self.weight @ x.reshape(rows, self.in_features).t()).t().reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

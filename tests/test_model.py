@@ -248,3 +248,15 @@ def test_linear_stays_a_plain_linear_in_compiled_graphs():
     torch._dynamo.reset()
     torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(8, 1, 48))
     assert any("linear" in t for t in seen) and not any("matmul" in t for t in seen), seen
+
+
+def test_linear_leaves_a_traced_batch_dynamic():
+    """Tracing never compares the row count (the eager operand-order switch): that would guard the batch size, and
+    export would refuse a dynamic batch whose example has 8 rows, as the compiled CPU decode step's has."""
+    torch.manual_seed(0)
+    layer = Linear(48, 20, bias=False)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(layer, (torch.randn(8, 1, 48),), dynamic_shapes=({0: batch},))
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 1, 48)
+        torch.testing.assert_close(program.module()(x), F.linear(x, layer.weight), atol=1e-6, rtol=1e-6)
