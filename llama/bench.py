@@ -211,6 +211,8 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
                     baseline_dtype=str(baseline_dtype).removeprefix("torch."))
     results = _describe(model, n_params, device, dtype, world_size, world, settings)
     _untimed_runs(results, memory, ours, prompts, batches, device)
+    if generator.decode_step is not None:
+        results["decode_step_route"] = generator.decode_step.routes
     generators = {"ours": ours}
     if hf is not None:
         import transformers
@@ -257,6 +259,8 @@ def _header_lines(r: dict) -> List[str]:
     if r["compile"]:
         lines.append(f"first generate call {r['first_call_s']:.1f} s (it compiles the decode step, or loads it from the compile "
                      f"cache: see LLAMA_COMPILE_CACHE)")
+        if r.get("decode_step_route"):
+            lines.append(f"decode step compiled {r['decode_step_route']}")
     if "load_average_1min" in r:
         load = r["load_average_1min"]
         lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end "

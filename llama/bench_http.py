@@ -214,6 +214,7 @@ def run(url: Optional[str] = None, shape: str = "134M", device: Optional[str] = 
         "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "max_batch_size": max_batch_size, "compile": compile,
         "gen_tokens": sum(r.max_gen_len for r in workload), **results,
+        "decode_step_route": decode.routes if decode is not None else None,
         "load_average_1min": None if load_start is None else {"start": load_start, "end": os.getloadavg()[0]},
     }
 
@@ -234,6 +235,8 @@ def format_table(r: dict) -> str:
                 f"torch {r['torch']}, {r['max_batch_size']} slots, prefill chunk {r['prefill_chunk']} "
                 f"({r['max_prefill_tokens']} with none generating), "
                 f"{'compiled decode step, ' if r['compile'] else ''}greedy, EOS disabled, best of {r['repeats']}"]
+        if r.get("decode_step_route"):
+            head.append(f"decode step compiled {r['decode_step_route']}")
         if r["load_average_1min"]:
             load = r["load_average_1min"]
             head.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")

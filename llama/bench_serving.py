@@ -213,6 +213,7 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
         shape=shape, max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile=compile,
         prefill_chunk=engines["continuous"].prefill_chunk, max_prefill_tokens=max_prefill_tokens,
         repeats=repeats, seed=seed, quantize=scheme.name if scheme else None), params)
+    results["decode_step_route"] = decode.routes if decode is not None else None
     results["offline"], tokens = _best_of(repeats, {p: (lambda p=p: drive(engines[p], workload)) for p in POLICIES}, max_batch_size)
     results["static_tokens_equal"] = tokens_equal_share(tokens["static"], tokens["continuous"])
     write_json(partial_json, results)
@@ -273,6 +274,8 @@ def format_table(r: dict) -> str:
         f"workload: {w['requests']} requests, prompts {w['prompt_len'][0]}..{w['prompt_len'][1]} tokens ({w['prompt_tokens']} in all), "
         f"max_gen_len {w['max_gen_len'][0]}..{w['max_gen_len'][1]} ({w['gen_tokens']} in all), seed {r['seed']}",
     ]
+    if r.get("decode_step_route"):
+        lines.append(f"decode step compiled {r['decode_step_route']}")
     if "load_average_1min" in r:
         load = r["load_average_1min"]
         lines.append(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end")

@@ -162,6 +162,9 @@ class CompiledDecodeStep:
         single = self.device.type == "cpu" and model_parallel_world_size() == 1
         self._package_dir = compile_cache.cache_dir() if single else None
         self._packages: Dict[tuple, Callable] = {}  # by (cache shape, GEMM backends, one_row)
+        # How each kind of step (any rows, one row) was compiled, in words, once it has run: see routes.
+        self._routes: Dict[str, str] = {}
+        self._aot_failure: Optional[str] = None
         # inductor's GEMM template multiplies a weight-only quantized layer with a kernel for small batches only
         # when the batch size is fixed and under 5 (for a dynamic one it takes AMX's or a large-batch blocking),
         # so a step of one row gets a package of its own there: one more copy of the quantized weights, for a
@@ -214,18 +217,37 @@ class CompiledDecodeStep:
             self._gemm_backends = "CPP,ATEN"
             return self._run(tokens, positions, key_slots)[:bsz]
 
+    @property
+    def routes(self) -> str:
+        """How the steps run so far were compiled, e.g. "ahead of time, loaded from the compile cache" or "in this
+        process (compiling ahead of time failed: ...)": a benchmark prints it, since the in-process fallback only
+        warns and is slower on CPU (a batch of one runs as two rows). Empty before the first step."""
+        return "; ".join(f"{kind}: {route}" if len(self._routes) > 1 else route for kind, route in self._routes.items())
+
+    def _in_process_reason(self) -> str:
+        if self._aot_failure is not None:
+            return f"compiling ahead of time failed: {self._aot_failure}"
+        if self.device.type != "cpu":
+            return self.device.type
+        if model_parallel_world_size() > 1:
+            return "model parallel"
+        return f"{compile_cache.CACHE_VARIABLE} is off"
+
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+        one_row = self.one_row_package and tokens.shape[0] == 1
+        kind = "one row" if one_row else "any rows"
         if self._package_dir is not None:
             try:
-                package = self._ahead_of_time(tokens, positions, key_slots,
-                                              one_row=self.one_row_package and tokens.shape[0] == 1)
+                package = self._ahead_of_time(tokens, positions, key_slots, one_row=one_row)
             except Exception as error:
                 if "NoValidChoicesError" in repr(error):
                     raise
                 logger.warning("compiling the decode step ahead of time failed (%s); compiling it in this process instead", error)
                 self._package_dir = None
+                self._aot_failure = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             else:
                 return package(tokens, positions, key_slots, self._row_ends(positions), *self._cache_tensors())
+        self._routes.setdefault(kind, f"in this process ({self._in_process_reason()})")
         tokens, positions = self._one_graph_rows(tokens, positions)
         with self._inductor_options():
             return self._step(tokens, positions, key_slots, self._row_ends(positions))
@@ -264,6 +286,7 @@ class CompiledDecodeStep:
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
                         "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row}
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
+            cached = path.exists()
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)
                 tokens = tokens.new_zeros(rows, 1)
@@ -276,6 +299,8 @@ class CompiledDecodeStep:
                     (batch, batch, keys, None, (None,) * len(cache)),
                     self._cpu_configs(), path
                 )
+            self._routes["one row" if one_row else "any rows"] = \
+                f"ahead of time, {'loaded from' if cached else 'compiled into'} the compile cache"
         return self._packages[made_for]
 
     def _cache_tensors(self) -> list:

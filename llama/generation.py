@@ -62,8 +62,8 @@ class Llama:
         if model.cache_shape is None:
             model.setup_cache()
         # One-token steps go through a torch.compile'd fixed-shape decode step (see llama/compiled.py).
-        decode = CompiledDecodeStep(model) if compile else None
-        self.engine = Engine(model, tokenizer, prefill_chunk=prefill_chunk, policy=policy, decode=decode)
+        self.decode_step = CompiledDecodeStep(model) if compile else None
+        self.engine = Engine(model, tokenizer, prefill_chunk=prefill_chunk, policy=policy, decode=self.decode_step)
         self._lock = threading.Lock()
         self._inbox: Dict[int, Deque[StepOutput]] = {}  # outputs of requests someone waits for
 

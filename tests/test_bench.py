@@ -41,6 +41,10 @@ def test_main_in_process(tmp_path, capsys):
     assert json.loads(out.read_text())["ours"]["2"]["batch"] == 2
     table = capsys.readouterr().out
     assert "decode tok/s, batch 1" in table and "decode tok/s, batch 2" in table and "% of copy bandwidth" in table
+    assert "decode_step_route" not in r and "decode step compiled" not in table  # eager: no compiled step
+    # With --compile the table says how the step was compiled (its in-process fallback only warns).
+    compiled = dict(r, compile=True, first_call_s=2.5, decode_step_route="ahead of time, loaded from the compile cache")
+    assert "decode step compiled ahead of time, loaded from the compile cache" in bench.format_table(compiled)
 
 
 def test_cli_writes_json(tmp_path):

@@ -53,7 +53,12 @@ def test_a_damaged_package_is_compiled_again(tiny_checkpoints, tiny_tokenizer_pa
         return Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu", compile=compile)
 
     expected = _greedy(build(False))
-    assert _greedy(build(True)) == expected
+    first = build(True)
+    assert first.decode_step.routes == ""  # nothing has run yet
+    assert _greedy(first) == expected
+    assert first.decode_step.routes == "ahead of time, compiled into the compile cache"
+    second = build(True)
+    assert _greedy(second) == expected and second.decode_step.routes == "ahead of time, loaded from the compile cache"
     (package,) = tmp_path.glob("decode-*.pt2")
     package.write_bytes(package.read_bytes()[:1000])  # truncated, as by a full disk or a copy cut short
     with caplog.at_level(logging.WARNING, logger="llama.compile_cache"):
@@ -89,4 +94,14 @@ def test_a_cache_that_cannot_be_written_compiles_in_process(tiny_checkpoints, ti
     with caplog.at_level(logging.WARNING, logger="llama.compiled"):
         got = _greedy(generator)
     assert "compiling it in this process instead" in caplog.text
+    # The fallback only warns; the step says which way it went, for a benchmark to print.
+    assert generator.decode_step.routes.startswith("in this process (compiling ahead of time failed: ")
     assert got == _greedy(Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu"))
+
+
+def test_the_route_says_when_the_cache_is_off(tiny_checkpoints, tiny_tokenizer_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", "off")
+    generator = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu", compile=True)
+    _greedy(generator)
+    assert generator.decode_step.routes == "in this process (LLAMA_COMPILE_CACHE is off)"
+    assert Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 32, 2, device="cpu").decode_step is None
