@@ -49,6 +49,7 @@ CPU has its scales rounded to bfloat16, up to 1/256 of each scale off.
 import json
 import pickle
 import re
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -129,6 +130,19 @@ def check_support(scheme: QuantScheme, device: torch.device, dtype: torch.dtype)
         )
     if scheme.bits == 4 and device.type == "cuda" and dtype != torch.bfloat16:
         raise ValueError(f"quantize={scheme.name!r} on CUDA needs dtype=bfloat16 (torch's int4 kernel), got {dtype}")
+    if scheme.activations and not fast_int8_matmul():
+        # Right, only slow: a warning, not an error (once per process, from this line).
+        warnings.warn(
+            f"quantize={scheme.name!r} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512 VNNI or AMX): "
+            f"torch's int8 matmul (torch._int_mm) runs here without oneDNN's int8 kernels, several times slower than "
+            f"not quantizing at all (README, 'w8a8 on CPUs without VNNI'); quantize='int8' is the fast choice on this CPU",
+            stacklevel=1)
+
+
+def fast_int8_matmul() -> bool:
+    """Whether torch._int_mm, w8a8's matmul, has fast kernels on this CPU: oneDNN's, with AVX-512 VNNI or AMX
+    instructions. Without them (AVX2-only CPUs, for one) torch runs it as a plain loop."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
 # --- whole models -------------------------------------------------------------------------------

@@ -185,6 +185,26 @@ def test_invalid_arguments_raise_value_error(tiny_checkpoints, tiny_tokenizer_pa
         save_quantized(build(tiny_checkpoints[(None, 1)], tiny_tokenizer_path), "unused")
 
 
+def test_w8a8_warns_on_a_cpu_where_torchs_int8_matmul_is_a_plain_loop(monkeypatch):
+    import warnings
+
+    import llama.quantize as quantization
+
+    cpu, w8a8 = torch.device("cpu"), parse_quantize("w8a8")
+    for vnni, amx, fast in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert quantization.fast_int8_matmul() is fast
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_support(w8a8, cpu, torch.float32)
+            check_support(parse_quantize("int8"), cpu, torch.float32)  # weight-only: fast anywhere, never warned
+        assert len(caught) == (0 if fast else 1), [str(w.message) for w in caught]
+        if not fast:
+            assert "quantize='w8a8' on this CPU" in str(caught[0].message)
+            assert "quantize='int8' is the fast choice" in str(caught[0].message)
+
+
 @pytest.mark.parametrize("quantize,max_error,mean_error,agreement", [("int8", 0.05, 0.01, 0.9), ("w8a8", 0.05, 0.01, 0.9),
                                                                     ("int4-g32", 0.4, 0.08, 0.75)])
 def test_quantized_model_is_close_to_float(tiny_checkpoints, tiny_tokenizer_path, quantize, max_error, mean_error, agreement):
