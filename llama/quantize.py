@@ -135,7 +135,8 @@ def check_support(scheme: QuantScheme, device: torch.device, dtype: torch.dtype)
         warnings.warn(
             f"quantize={scheme.name!r} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512 VNNI or AMX): "
             f"torch's int8 matmul (torch._int_mm) runs here without oneDNN's int8 kernels, several times slower than "
-            f"not quantizing at all (README, 'w8a8 on CPUs without VNNI'); quantize='int8' is the fast choice on this CPU",
+            f"not quantizing at all (README: 'Compiled decoding and quantized weights'); quantize='int8' is the fast "
+            f"choice on this CPU",
             stacklevel=1)
 
 
