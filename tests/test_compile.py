@@ -8,16 +8,19 @@ from llama import Llama
 from tests.conftest import REPO, check_exit, launch
 
 
-@pytest.mark.parametrize("attention_block", [8, None], ids=["flex", "sdpa"])
+@pytest.mark.parametrize("attention_block", [16, None], ids=["flex", "sdpa"])
 @pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
 def test_compiled_decode_equals_eager_without_recompiling(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time,
                                                           attention_block):
     import llama.compiled
     from llama.compiled import CompiledDecodeStep
 
-    # Attend to the cache in steps of 8 positions: lengths 8 (SDPA only), 16, 24 and 32 are all met below.
+    # Attend to the cache in steps of 8 positions: lengths 8 and 16 (SDPA only: flex needs two blocks), 24 and 32 are
+    # all met below.
     monkeypatch.setattr(CompiledDecodeStep, "kv_bucket", 8)
-    # flex_attention in blocks of 8 keys (6 in the cache), on oneDNN's matmuls whatever this CPU (as on AVX-512).
+    # flex_attention in blocks of 16 keys (3 in the cache), on oneDNN's matmuls whatever this CPU (as on AVX-512). Not
+    # blocks of 8: with this model's head dim of 16, torch 2.13's compiled CPU flex_attention gets those wrong on AVX2
+    # (outputs off by O(1) against its own eager form; blocks of 16 and more, and other head dims, agree to 1e-7).
     monkeypatch.setattr(CompiledDecodeStep, "attention_block", attention_block)
     monkeypatch.setattr(llama.compiled, "_onednn_matmuls", lambda model: True)
     monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path) if ahead_of_time else "off")
@@ -170,7 +173,7 @@ def test_compiled_decode_under_model_parallel(tmp_path, tiny_checkpoints, tiny_t
     check_exit(launch([REPO / "tests" / "compile_worker.py", tiny_checkpoints[(2, 2)], tiny_tokenizer_path, out], nproc=2, timeout=600))
     ranks = [torch.load(f"{out}.rank{r}.pt") for r in range(2)]
     for result in ranks:
-        assert result["attention_block"] == 8
+        assert result["attention_block"] == 16
         for (eager_tokens, eager_lps), (tokens, lps) in zip(result["eager"], result["compiled"]):
             assert tokens == eager_tokens
             torch.testing.assert_close(torch.tensor(sum(lps, [])), torch.tensor(sum(eager_lps, [])), atol=1e-4, rtol=0)
