@@ -21,7 +21,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,8 +63,9 @@ def load_or_compile(
     dynamic_shapes: Sequence[Optional[dict]],
     inductor_configs: Dict[str, object],
     path: Path,
-) -> Callable:
-    """The AOTInductor-compiled module from path, compiled and stored there first if it is absent or unreadable.
+) -> Tuple[Callable, bool]:
+    """The AOTInductor-compiled module from path, compiled and stored there first if it is absent or unreadable,
+    and whether it was loaded (True) or compiled (False).
 
     The package is written under a temporary name and renamed, so a process that dies while compiling, or two
     processes compiling at once, never leave a partial package under the real name.
@@ -75,7 +76,7 @@ def load_or_compile(
             runner = _load(path)
             os.utime(path)  # recently used: the last to be evicted
             logger.info("loaded the compiled decode step from %s", path)
-            return runner
+            return runner, True
         except Exception as error:  # a truncated or foreign file: compile it again
             logger.warning("could not load the compiled decode step %s (%s); compiling it again", path, error)
     logger.info("compiling the decode step ahead of time; it is kept in %s for the next process", path.parent)
@@ -95,7 +96,7 @@ def load_or_compile(
         if os.path.exists(tmp):
             os.remove(tmp)
     evict(path.parent, keep=path)
-    return _load(path)
+    return _load(path), False
 
 
 def _drop_metadata_asserts(exported: torch.export.ExportedProgram) -> None:

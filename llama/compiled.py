@@ -286,7 +286,6 @@ class CompiledDecodeStep:
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
                         "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row}
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
-            cached = path.exists()
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)
                 tokens = tokens.new_zeros(rows, 1)
@@ -294,13 +293,13 @@ class CompiledDecodeStep:
             cache, row_ends = self._cache_tensors(), self._row_ends(positions)
             # Exported without its cache buffers: the inputs stand in for them.
             with _layer_caches(self.model, [None] * len(self.model.layers)):
-                self._packages[made_for] = compile_cache.load_or_compile(
+                self._packages[made_for], loaded = compile_cache.load_or_compile(
                     self._module, (tokens, positions, key_slots, row_ends, *cache),
                     (batch, batch, keys, None, (None,) * len(cache)),
                     self._cpu_configs(), path
                 )
             self._routes["one row" if one_row else "any rows"] = \
-                f"ahead of time, {'loaded from' if cached else 'compiled into'} the compile cache"
+                f"ahead of time, {'loaded from' if loaded else 'compiled into'} the compile cache"
         return self._packages[made_for]
 
     def _cache_tensors(self) -> list:
