@@ -233,9 +233,13 @@ class CompiledDecodeStep:
             return "model parallel"
         return f"{compile_cache.CACHE_VARIABLE} is off"
 
+    @staticmethod
+    def _kind(one_row: bool) -> str:
+        """The kind of step a route is recorded under: its package's (one row, or any number of rows)."""
+        return "one row" if one_row else "any rows"
+
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
         one_row = self.one_row_package and tokens.shape[0] == 1
-        kind = "one row" if one_row else "any rows"
         if self._package_dir is not None:
             try:
                 package = self._ahead_of_time(tokens, positions, key_slots, one_row=one_row)
@@ -247,7 +251,8 @@ class CompiledDecodeStep:
                 self._aot_failure = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             else:
                 return package(tokens, positions, key_slots, self._row_ends(positions), *self._cache_tensors())
-        self._routes.setdefault(kind, f"in this process ({self._in_process_reason()})")
+        # In the process one graph serves every row count, a single row included.
+        self._routes.setdefault(self._kind(False), f"in this process ({self._in_process_reason()})")
         tokens, positions = self._one_graph_rows(tokens, positions)
         with self._inductor_options():
             return self._step(tokens, positions, key_slots, self._row_ends(positions))
@@ -298,7 +303,7 @@ class CompiledDecodeStep:
                     (batch, batch, keys, None, (None,) * len(cache)),
                     self._cpu_configs(), path
                 )
-            self._routes["one row" if one_row else "any rows"] = \
+            self._routes[self._kind(one_row)] = \
                 f"ahead of time, {'loaded from' if loaded else 'compiled into'} the compile cache"
         return self._packages[made_for]
 
