@@ -33,13 +33,20 @@ SIZE_VARIABLE = "LLAMA_COMPILE_CACHE_GB"
 _SOURCES = ("model.py", "quantized_linear.py", "compiled.py", "compile_cache.py")
 
 
+OFF_WORDS = ("", "0", "off", "false", "no")  # values of a setting that turn it off
+
+
+def user_cache_home() -> Path:
+    """This library's directory in the user's cache: XDG_CACHE_HOME/llama, or ~/.cache/llama."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama"
+
+
 def cache_dir() -> Optional[Path]:
     """Where compiled packages are kept, or None when LLAMA_COMPILE_CACHE turns the cache off."""
     value = os.environ.get(CACHE_VARIABLE)
     if value is not None:
-        return None if value.strip().lower() in ("", "0", "off", "false", "no") else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llama" / "compiled"
+        return None if value.strip().lower() in OFF_WORDS else Path(value).expanduser()
+    return user_cache_home() / "compiled"
 
 
 def package_key(model: torch.nn.Module, settings: Dict[str, object]) -> str:

@@ -42,9 +42,14 @@ logger = logging.getLogger(__name__)
 ONEDNN_PACKED_ROWS = 8  # float32 on CPU: oneDNN's prepacked weights suit 1 to 32 rows best packed for 8
 
 
-def _weight_only_quantized(model: Transformer) -> bool:
-    """Whether the model has int8 or int4 layers that keep their input in floating point (not w8a8)."""
-    return any(isinstance(m, QuantizedLinear) and not m.scheme.activations for m in model.modules())
+def _template_quantized(model: Transformer) -> bool:
+    """Whether the model has int8 or int4 layers that keep their input in floating point (not w8a8) and are
+    multiplied by torch's kernels, which inductor's GEMM template replaces (not by llama's native int8 kernel)."""
+    return any(isinstance(m, QuantizedLinear) and not m.scheme.activations and not m.native_int8 for m in model.modules())
+
+
+def _native_int8(model: Transformer) -> bool:
+    return any(isinstance(m, QuantizedLinear) and m.native_int8 for m in model.modules())
 
 
 def _onednn_matmuls(model: Transformer) -> bool:
@@ -169,7 +174,7 @@ class CompiledDecodeStep:
         # when the batch size is fixed and under 5 (for a dynamic one it takes AMX's or a large-batch blocking),
         # so a step of one row gets a package of its own there: one more copy of the quantized weights, for a
         # faster batch-1 decode (README, "Compiled decoding and quantized weights").
-        self.one_row_package = _weight_only_quantized(model)
+        self.one_row_package = _template_quantized(model)
 
     def _key_slots_for(self, kv_len: int) -> torch.Tensor:
         # Generation never needs all max_len positions: the token at the last one is generated, never fed
@@ -289,7 +294,8 @@ class CompiledDecodeStep:
             min_keys = max(2, (self._module.attention_block or 0) + 1)  # _key_slots_for
             keys = {0: torch.export.Dim("keys", min=min_keys, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
-                        "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row}
+                        "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row,
+                        "native_int8": _native_int8(self.model)}
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama import native
 from llama.parallel import linear_kind
 
 _INT4_INNER_K_TILES = (8, 4, 2)  # CUDA packing: the largest that divides in_features / 16
@@ -162,6 +163,9 @@ class QuantizedLinear(nn.Module):
         # scales the (in / group, out, 2) scales and zeros.
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        # int8 on a CPU where llama's own kernel beats torch's (llama/native.py): decided once, when the layer is made.
+        self.native_int8 = scheme.bits == 8 and not scheme.activations and weight.device.type == "cpu" \
+            and scales.dtype == torch.bfloat16 and native.int8_matmul_ready()
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> "QuantizedLinear":
@@ -181,6 +185,10 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.name}, parallel={self.parallel}"
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_int8 and x.device.type == "cpu":  # takes float32 inputs as they are
+            x2d = x.reshape(-1, self.in_features)
+            y = torch.ops.llama_cpu.int8_matmul(x2d if x.dtype == torch.bfloat16 else x2d.float(), self.weight, self.scales)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         x2d = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
         if self.scheme.activations:
             y = int8_dynamic_matmul(x2d, self.weight, self.scales)

@@ -115,11 +115,13 @@ def test_compiled_step_follows_a_cache_allocated_anew(tiny_checkpoints, tiny_tok
 def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path,
                                                                       ahead_of_time, template_can, quantize):
     """Quantized layers go to inductor's C++ GEMM template; where it cannot do a quantized matmul (int4 without
-    AVX-512, for one), torch's kernel serves (for w8a8, oneDNN's int8 linear that freezing puts in its place)."""
+    AVX-512, for one), torch's kernel serves (for w8a8, oneDNN's int8 linear that freezing puts in its place).
+    llama's native int8 kernel (AVX2 CPUs) is off here: test_native_int8_step has it."""
     import torch._inductor.lowering  # noqa: F401 (first: importing quantized_lowerings alone is a circular import)
     import torch._inductor.quantized_lowerings as quantized_lowerings
     from llama.compiled import CompiledDecodeStep
 
+    monkeypatch.setenv("LLAMA_NATIVE_KERNELS", "off")
     g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize=quantize)
     tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
     g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
@@ -149,6 +151,32 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
     torch.testing.assert_close(one, expected[:1], atol=atol, rtol=1e-4)
     assert sorted(one_row for _, _, one_row in step._packages) == ([False, True] if quantize == "int8" else [False])
     assert len(list(tmp_path.glob("decode-*.pt2"))) == len(step._packages)
+
+
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
+def test_native_int8_step(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time):
+    """int8 layers on llama's native kernel (forced on, as on AVX2 CPUs): the compiled step calls it as eager does,
+    with the same numbers, and one package serves every row count, a single row included."""
+    from llama import native
+    from llama.compiled import CompiledDecodeStep
+
+    monkeypatch.setenv(native.VARIABLE, "on")
+    if not native.wanted():
+        pytest.skip("this CPU has no AVX2")
+    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize="int8")
+    assert g.model.output.native_int8
+    tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
+    g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
+    expected = g.model.forward(tokens, positions)[:, -1]
+    monkeypatch.setenv("LLAMA_COMPILE_CACHE", str(tmp_path) if ahead_of_time else "off")
+    torch._dynamo.reset()
+    step = CompiledDecodeStep(g.model)
+    assert not step.one_row_package
+    with torch.compiler.config.patch(force_disable_caches=True):
+        torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step(tokens[:1], positions[:1]), expected[:1], atol=1e-4, rtol=1e-4)
+    if ahead_of_time:
+        assert [one_row for _, _, one_row in step._packages] == [False] and len(list(tmp_path.glob("decode-*.pt2"))) == 1
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])

@@ -1,0 +1,137 @@
+"""llama's native int8 kernel (llama/native.py): its products against float64, its refusals, when it is used,
+its build (kept once, never half-written, a failure falling back to torch's kernel)."""
+
+import os
+import warnings
+
+import pytest
+
+import torch
+from torch import nn
+
+from llama import native
+from llama.quantize import QuantizedLinear, dequantize_int8, parse_quantize
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The kernel on any CPU that can run it (LLAMA_NATIVE_KERNELS=on), built or loaded."""
+    monkeypatch.setenv(native.VARIABLE, "on")
+    if not native.wanted():
+        pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX2")
+    assert native.int8_matmul_ready(), "the native kernel did not build on an AVX2 CPU (see the warning)"
+    return torch.ops.llama_cpu.int8_matmul
+
+
+def _operands(rows: int, in_features: int, out_features: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    scales = (torch.rand(out_features, generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+    return x, q, scales
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 20])
+@pytest.mark.parametrize("in_features", [32, 45, 768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmul_is_the_float64_product_to_float32_rounding(kernel, rows, in_features, dtype):
+    """Every row count (blocks of eight and the rest), in_features with a tail past the last 32, both input dtypes:
+    y = x @ (q * scales).T summed in float32, so within a few float32 roundings of sum |x| |w| of the exact product
+    (a bfloat16 input is widened, not rounded; the output is rounded to the input's dtype)."""
+    x, q, scales = _operands(rows, in_features, 67, dtype)
+    y = kernel(x, q, scales)
+    assert y.shape == (rows, 67) and y.dtype == dtype
+    weight = dequantize_int8(q, scales)
+    exact = x.double() @ weight.T
+    scale_of_terms = x.double().abs() @ weight.abs().T
+    output_rounding = exact.abs() * (2 ** -8 if dtype == torch.bfloat16 else 0)
+    assert ((y.double() - exact).abs() <= 2 ** -20 * scale_of_terms + output_rounding).all()
+
+
+def test_int8_matmul_keeps_leading_dimensions(kernel):
+    x, q, scales = _operands(6, 64, 10, torch.float32)
+    torch.testing.assert_close(kernel(x.view(2, 3, 64), q, scales), kernel(x, q, scales).view(2, 3, 10), rtol=0, atol=0)
+
+
+def test_int8_matmul_refuses_what_it_cannot_multiply(kernel):
+    x, q, scales = _operands(2, 64, 10, torch.float32)
+    for args, words in (
+        ((x.half(), q, scales), "x must be float32 or bfloat16"),
+        ((x[:, :60], q, scales), "x has 60 features, the weight takes 64"),
+        ((x, q.to(torch.int16), scales), "weight must be a contiguous int8 matrix"),
+        ((x, q.t(), scales), "weight must be a contiguous int8 matrix"),
+        ((x, q, scales.float()), "scales must be a contiguous bfloat16 vector"),
+        ((x, q, scales[:5]), "scales must be a contiguous bfloat16 vector"),
+    ):
+        with pytest.raises(RuntimeError, match=words):
+            kernel(*args)
+
+
+def test_int8_layers_use_the_kernel_where_it_is_wanted(kernel, monkeypatch):
+    """A layer decides when it is made. With the kernel, a float32 input is not rounded to bfloat16: the layer is
+    the float64 product of its own dequantized weight to float32 rounding, where torch's kernel is off by bfloat16's."""
+    layer = nn.Linear(256, 48, bias=False)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
+    fast = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int8"), torch.float32)
+    monkeypatch.setenv(native.VARIABLE, "off")
+    plain = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int8"), torch.float32)
+    assert fast.native_int8 and not plain.native_int8
+    assert torch.equal(fast.weight, plain.weight) and torch.equal(fast.scales, plain.scales)
+    exact = x.double() @ dequantize_int8(fast.weight, fast.scales).T
+    fast_error, plain_error = ((f(x).double() - exact).abs().max().item() for f in (fast, plain))
+    assert fast_error < 1e-5 < plain_error
+    w8a8 = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), torch.float32)
+    monkeypatch.setenv(native.VARIABLE, "on")
+    assert not w8a8.native_int8  # w8a8 quantizes its input: never this kernel
+    assert not QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int4"), torch.float32).native_int8
+
+
+def test_the_setting_and_the_cpu_decide(monkeypatch):
+    for capability, auto, on in (("AVX2", True, True), ("AVX512", False, True), ("DEFAULT", False, False)):
+        monkeypatch.setattr(native, "_cpu_capability", lambda: capability)
+        monkeypatch.delenv(native.VARIABLE, raising=False)
+        assert native.wanted() is auto
+        monkeypatch.setenv(native.VARIABLE, "auto")
+        assert native.wanted() is auto
+        monkeypatch.setenv(native.VARIABLE, "on")
+        assert native.wanted() is on
+        monkeypatch.setenv(native.VARIABLE, "off")
+        assert native.wanted() is False and native.int8_matmul_ready() is False
+    monkeypatch.setenv(native.VARIABLE, "fast")
+    with pytest.raises(ValueError, match="LLAMA_NATIVE_KERNELS='fast' is not a setting: use 'auto'"):
+        native.wanted()
+
+
+def test_the_build_is_kept_and_never_left_half_written(kernel, monkeypatch, tmp_path):
+    built = native.build(tmp_path)
+    assert built.parent == tmp_path and os.listdir(tmp_path) == [built.name]
+    stamp = built.stat().st_mtime_ns
+    assert native.build(tmp_path) == built and built.stat().st_mtime_ns == stamp  # found, not built again
+    broken = tmp_path / "broken"
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails at once
+    with pytest.raises(Exception):
+        native.build(broken)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        native.build(broken)
+    assert not broken.exists() or not any(broken.iterdir())
+
+
+def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch):
+    monkeypatch.setenv(native.VARIABLE, "on")
+    monkeypatch.setattr(native, "_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(native, "_registered", lambda: False)
+    monkeypatch.setattr(native, "_loaded", None)
+
+    def fail(directory=None):
+        raise RuntimeError("g++ failed: no space left on device")
+
+    monkeypatch.setattr(native, "build", fail)
+    with pytest.warns(RuntimeWarning, match="building llama's native int8 kernel failed .*no space left.*torch's kernel"):
+        assert native.int8_matmul_ready() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert native.int8_matmul_ready() is False
+    layer = nn.Linear(64, 8, bias=False)
+    quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int8"), torch.float32)
+    assert not quantized.native_int8 and quantized(torch.randn(2, 64)).shape == (2, 8)
