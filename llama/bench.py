@@ -95,6 +95,7 @@ def _describe(model: Transformer, n_params: int, device: torch.device, dtype: to
         },
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "native_int8": any(getattr(m, "native_int8", False) for m in model.modules()),
         **settings,
         "eos": "disabled (eos_id=-1): every row generates exactly gen_len tokens",
         "ours": {},
@@ -247,6 +248,8 @@ def _header_lines(r: dict) -> List[str]:
         f"{'compiled decode step, ' if r['compile'] else ''}"
         f"best of {r['repeats']} after {r['warmup']} warm-up",
     ]
+    if r.get("native_int8"):
+        lines.append("int8 layers on llama's native AVX2 kernel (llama_cpu::int8_matmul; LLAMA_NATIVE_KERNELS=off for torch's)")
     if r["model_parallel_size"] > 1:
         lines.append(
             f"per rank: {pr['weight_bytes'] / 1e6:.1f} MB of weights, {pr['n_local_heads']} heads, "

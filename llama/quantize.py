@@ -3,7 +3,8 @@
 Schemes (the ``quantize`` argument of ``Llama.build``):
 
 - ``"int8"``: weight-only, one symmetric scale per output channel; q = round(w / s) in [-127, 127] with
-  s = max|w_row| / 127, and w ~= q * s. Matmul: ``torch.ops.aten._weight_int8pack_mm``.
+  s = max|w_row| / 127, and w ~= q * s. Matmul: ``torch.ops.aten._weight_int8pack_mm``, or on CPUs whose
+  best torch code is AVX2, llama's own ``llama_cpu::int8_matmul`` (llama/native.py; float32 inputs kept as they are).
 - ``"w8a8"`` (CPU only): the same int8 weights, and each row of a layer's input (each token) quantized
   to int8 as it arrives, with its own scale max|x_row| / 127; the integer products are summed exactly
   (``torch._int_mm``, oneDNN's int8 kernels) and scaled in float32 (see
@@ -16,7 +17,7 @@ Schemes (the ``quantize`` argument of ``Llama.build``):
   min/max): q in [0, 15] with w ~= (q - 8) * scale + zero, the layout of torch's int4 kernels.
   Matmul: ``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA (bfloat16 only).
 
-On CPU the weight-only matmuls compute in bfloat16 whatever the model's dtype: torch's CPU int8 and int4
+On CPU the weight-only matmuls (but int8's on AVX2 CPUs, above) compute in bfloat16 whatever the model's dtype: torch's CPU int8 and int4
 kernels are vectorized only for bfloat16 inputs (their float32 and float16 paths run scalar code, 15 to
 130 times slower, slower than not quantizing at all). So on CPU such a layer rounds its input to
 bfloat16, accumulates in float32 and returns its bfloat16 result in the model's dtype, and its scales are

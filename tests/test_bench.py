@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from llama import Llama, bench, cli, measure, random_model
+from llama import Llama, bench, cli, measure, native, random_model
 from llama.quantize import quantize_model
 from tests.conftest import check_exit, launch
 
@@ -91,6 +91,8 @@ def test_quantized_against_its_float_baseline(capsys):
     assert e["mean_abs"] < 0.05 * e["reference_logit_std"] and e["top1_agreement"] > 0.8
     table = capsys.readouterr().out
     assert "weights int8" in table and "logit error" in table and "2 prompts: rows whose first 8 tokens" in table
+    # Which int8 kernel ran (llama's own on AVX2 CPUs) is in the header.
+    assert ("int8 layers on llama's native AVX2 kernel" in table) == r["native_int8"] == native.int8_matmul_ready()
 
 
 def test_agreement_on_more_prompts_than_the_batch():
