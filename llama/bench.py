@@ -23,14 +23,14 @@ import torch.distributed as dist
 from llama.checks import check_seed, is_int
 from llama.device import resolve_device, resolve_dtype
 from llama.distributed import global_rank, setup_model_parallel
-from llama import hf_baseline, llamacpp_baseline
+from llama import hf_baseline, llamacpp_baseline, native
 from llama import quantize as quantization
 from llama.generation import Llama
 from llama.measure import (  # noqa: F401 (quantization_error: bench.quantization_error)
     PeakMemory, agreement, check_output_path, copy_bandwidth, decode_bytes_per_step, decode_speed, device_name,
     quantization_error, reduce, report, time_generators, tokens_equal_share, weight_bytes,
 )
-from llama.model import Transformer
+from llama.model import Linear, Transformer
 from llama.random_model import SHAPES, NoTextTokenizer, build_random_model  # noqa: F401 (SHAPES: bench.SHAPES)
 
 
@@ -95,7 +95,7 @@ def _describe(model: Transformer, n_params: int, device: torch.device, dtype: to
         },
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "native_int8": any(getattr(m, "native_int8", False) for m in model.modules()),
+        "native_kernels": _native_kernels(model),
         **settings,
         "eos": "disabled (eos_id=-1): every row generates exactly gen_len tokens",
         "ours": {},
@@ -238,6 +238,17 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
 # --- output --------------------------------------------------------------------------------------
 
 
+def _native_kernels(model: Transformer) -> Optional[str]:
+    """Which of the model's matmuls run on llama's own kernels (llama/native.py), in words, or None."""
+    kinds = []
+    if any(getattr(m, "native_int8", False) for m in model.modules()):
+        kinds.append("int8")
+    wq = model.layers[0].attention.wq  # model.Linear (not fairscale's, not quantized) takes them in bfloat16
+    if native.ready() and isinstance(wq, Linear) and wq.weight.dtype == torch.bfloat16 and wq.weight.is_cpu:
+        kinds.append("bfloat16")
+    return " and ".join(kinds) or None
+
+
 def _header_lines(r: dict) -> List[str]:
     pr = r["per_rank"]
     lines = [
@@ -248,8 +259,8 @@ def _header_lines(r: dict) -> List[str]:
         f"{'compiled decode step, ' if r['compile'] else ''}"
         f"best of {r['repeats']} after {r['warmup']} warm-up",
     ]
-    if r.get("native_int8"):
-        lines.append("int8 layers on llama's native AVX2 kernel (llama_cpu::int8_matmul; LLAMA_NATIVE_KERNELS=off for torch's)")
+    if r.get("native_kernels"):
+        lines.append(f"{r['native_kernels']} matmuls on llama's native AVX2 kernels (LLAMA_NATIVE_KERNELS=off for torch's)")
     if r["model_parallel_size"] > 1:
         lines.append(
             f"per rank: {pr['weight_bytes'] / 1e6:.1f} MB of weights, {pr['n_local_heads']} heads, "

@@ -31,7 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 
-from llama import compile_cache
+from llama import compile_cache, native
 from llama.distributed import model_parallel_world_size
 from llama.model import KVCache, Part, Transformer
 from llama.quantized_linear import QuantizedLinear
@@ -295,7 +295,7 @@ class CompiledDecodeStep:
             keys = {0: torch.export.Dim("keys", min=min_keys, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
                         "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row,
-                        "native_int8": _native_int8(self.model)}
+                        "native": (native.ready(), _native_int8(self.model))}  # a package calls the ops it was made with
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from llama import native
 from llama.memory import check_memory, rope_positions
 
 
@@ -50,13 +51,22 @@ class ModelArgs:
 _MKL = torch.backends.mkl.is_available()
 
 
+# Whether llama's own CPU matmuls are in use (llama/native.py): a constant to torch.compile and export, which
+# call it once while tracing instead of tracing into it.
+_native_kernels = torch.compiler.assume_constant_result(native.ready)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, except that in eager float32 on a CPU with MKL it multiplies 8 to 32 rows (a decode step's batch)
-    as weight @ x^T: for that operand order MKL's sgemm streams a weight that is not in cache faster than for
+    """nn.Linear, except on CPU: a bfloat16 weight is multiplied by llama's own kernel where it is in use (AVX2
+    CPUs; torch's bfloat16 matmul there is 2 to 5 times slower at a decode step's rows, README), eagerly and in
+    compiled steps; and in eager float32 with MKL, 8 to 32 rows (a decode step's batch) are multiplied as
+    weight @ x^T: for that operand order MKL's sgemm streams a weight that is not in cache faster than for
     x @ weight^T, which it handles well only for a single row or for many. Compiled and exported graphs keep
-    F.linear, which inductor matches to its own kernels."""
+    F.linear there, which inductor matches to its own kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None and _native_kernels():
+            return torch.ops.llama_cpu.bf16_matmul(x, self.weight)
         # is_compiling() first: tracing must never compare rows, or the graph is guarded to its example's batch
         # size (export then refuses a dynamic batch whose example has 8 rows or more).
         if not torch.compiler.is_compiling() and _MKL and x.device.type == "cpu" and x.dtype == torch.float32 and self.bias is None:

@@ -1,15 +1,18 @@
-"""Native CPU kernels for what torch has no fast form of, built on first use with the C++ compiler that
-torch.compile needs anyway, and kept once per machine.
+"""llama's own CPU matmuls for what torch has no fast form of on AVX2 CPUs, built on first use with the C++
+compiler that torch.compile needs anyway, and kept once per machine (csrc/matmul_avx2.cpp):
 
-``llama_cpu::int8_matmul`` (csrc/int8_matmul_avx2.cpp) multiplies by a weight-only int8 weight on CPUs with
-AVX2 but not AVX-512: there torch's int8 kernel (``_weight_int8pack_mm``, and inductor's template for it)
-streams the weight at about half the speed of this one, and rounds the input to bfloat16 first, which this one
-does not (README, "Native int8 kernel"). A compiled decode step calls it like any other op.
+- ``llama_cpu::int8_matmul``: int8 layers (weight-only, per-channel scales);
+- ``llama_cpu::bf16_matmul``: bfloat16 models' linear layers (llama.model.Linear).
 
-LLAMA_NATIVE_KERNELS: "auto" (default) uses the kernel where torch's best CPU code is AVX2; "on" on any CPU with
-AVX2 (AVX-512 ones included, for tests); "off" never builds it. The built library is kept under
-XDG_CACHE_HOME/llama/native (~/.cache/llama/native), named by a digest of its source, torch and the compiler.
-A failed build warns once and leaves int8 layers on torch's kernel.
+On CPUs with AVX2 but not AVX-512, torch's kernels for these (``_weight_int8pack_mm`` and inductor's template for
+it; its bfloat16 matmul) stream the weights at about half the speed at a decode step's rows, or worse, and the int8
+one rounds its input to bfloat16 first, which these do not (README, "Compiled decoding and quantized weights").
+A compiled decode step calls them like any other op.
+
+LLAMA_NATIVE_KERNELS: "auto" (default) uses them where torch's best CPU code is AVX2; "on" on any CPU with AVX2
+(AVX-512 ones included, for tests); "off" never builds them. The built library is kept under
+XDG_CACHE_HOME/llama/native (~/.cache/llama/native), named by a digest of its source, torch and the compiler. A
+failed build warns once and leaves torch's kernels.
 """
 
 import hashlib
@@ -31,7 +34,7 @@ from llama.compile_cache import OFF_WORDS, user_cache_home
 logger = logging.getLogger(__name__)
 
 VARIABLE = "LLAMA_NATIVE_KERNELS"
-SOURCE = Path(__file__).parent / "csrc" / "int8_matmul_avx2.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "matmul_avx2.cpp"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-w"]
 
 _lock = threading.Lock()
@@ -39,7 +42,7 @@ _loaded: Optional[bool] = None  # None: not tried in this process yet
 
 
 def wanted() -> bool:
-    """Whether LLAMA_NATIVE_KERNELS and this CPU call for the native int8 kernel (whether it builds is another matter)."""
+    """Whether LLAMA_NATIVE_KERNELS and this CPU call for the native kernels (whether they build is another matter)."""
     value = os.environ.get(VARIABLE, "auto").strip().lower()
     if value in OFF_WORDS:
         return False
@@ -58,9 +61,9 @@ def _cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def int8_matmul_ready() -> bool:
-    """Whether int8 layers on CPU should use ``llama_cpu::int8_matmul`` in this process: wanted here, and built and
-    loaded (built by the first call on this machine, in seconds)."""
+def ready() -> bool:
+    """Whether llama's native kernels serve int8 layers and bfloat16 linear layers on CPU in this process: wanted
+    here, and built and loaded (built by the first call on this machine, in seconds)."""
     global _loaded
     if not wanted():
         return False
@@ -72,7 +75,7 @@ def int8_matmul_ready() -> bool:
 
 def _registered() -> bool:
     """Whether the op is already registered in this process (by this module, or a library loaded before)."""
-    return hasattr(torch.ops.llama_cpu, "int8_matmul")
+    return hasattr(torch.ops.llama_cpu, "int8_matmul") and hasattr(torch.ops.llama_cpu, "bf16_matmul")
 
 
 def _load() -> bool:
@@ -82,20 +85,21 @@ def _load() -> bool:
         library = build()
         torch.ops.load_library(str(library))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(f"building llama's native int8 kernel failed ({error}); int8 layers use torch's kernel instead. "
+        warnings.warn(f"building llama's native CPU kernels failed ({error}); int8 and bfloat16 layers use torch's kernels. "
                       f"Set {VARIABLE}=off to skip the attempt.", RuntimeWarning, stacklevel=3)
         return False
-    torch.library.register_fake("llama_cpu::int8_matmul")(_int8_matmul_shape)
+    torch.library.register_fake("llama_cpu::int8_matmul")(lambda x, weight, scales: _output_like(x, weight))
+    torch.library.register_fake("llama_cpu::bf16_matmul")(_output_like)
     return True
 
 
-def _int8_matmul_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The op's output for tracing (torch.compile, export): x's shape with weight.shape[0] features."""
+def _output_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An op's output for tracing (torch.compile, export): x's shape with weight.shape[0] features."""
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def build(directory: Optional[Path] = None) -> Path:
-    """The kernel's shared library, compiled into directory (default: the user cache's llama/native) unless a build
+    """The kernels' shared library, compiled into directory (default: the user cache's llama/native) unless a build
     of the same source, torch and compiler is there. Written under a temporary name and renamed, so two processes
     building at once, or one killed while building, never leave a partial library."""
     compiler = os.environ.get("CXX") or "g++"
@@ -105,11 +109,11 @@ def build(directory: Optional[Path] = None) -> Path:
     for part in (torch.__version__, version, command):
         digest.update(repr(part).encode())
     directory = directory or user_cache_home() / "native"
-    target = directory / f"int8_matmul_avx2-{digest.hexdigest()[:16]}.so"
+    target = directory / f"matmul_avx2-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    logger.info("building llama's native int8 kernel into %s (once per machine)", target)
+    logger.info("building llama's native CPU kernels into %s (once per machine)", target)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / target.name
         done = subprocess.run([*command, str(SOURCE), "-o", str(built), *_torch_libraries()], capture_output=True, text=True)

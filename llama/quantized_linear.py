@@ -165,7 +165,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales)
         # int8 on a CPU where llama's own kernel beats torch's (llama/native.py): decided once, when the layer is made.
         self.native_int8 = scheme.bits == 8 and not scheme.activations and weight.device.type == "cpu" \
-            and scales.dtype == torch.bfloat16 and native.int8_matmul_ready()
+            and scales.dtype == torch.bfloat16 and native.ready()
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> "QuantizedLinear":

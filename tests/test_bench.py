@@ -92,7 +92,7 @@ def test_quantized_against_its_float_baseline(capsys):
     table = capsys.readouterr().out
     assert "weights int8" in table and "logit error" in table and "2 prompts: rows whose first 8 tokens" in table
     # Which int8 kernel ran (llama's own on AVX2 CPUs) is in the header.
-    assert ("int8 layers on llama's native AVX2 kernel" in table) == r["native_int8"] == native.int8_matmul_ready()
+    assert ("int8 matmuls on llama's native AVX2 kernels" in table) == (r["native_kernels"] == "int8") == native.ready()
 
 
 def test_agreement_on_more_prompts_than_the_batch():

@@ -154,17 +154,19 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
 
 
 @pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
-def test_native_int8_step(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time):
-    """int8 layers on llama's native kernel (forced on, as on AVX2 CPUs): the compiled step calls it as eager does,
-    with the same numbers, and one package serves every row count, a single row included."""
+@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+def test_native_kernels_in_the_step(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time, kind):
+    """int8 layers and a bfloat16 model's linear layers on llama's native kernels (forced on, as on AVX2 CPUs): the
+    compiled step calls them as eager does, with eager's numbers, and one package serves every row count."""
     from llama import native
     from llama.compiled import CompiledDecodeStep
 
     monkeypatch.setenv(native.VARIABLE, "on")
     if not native.wanted():
         pytest.skip("this CPU has no AVX2")
-    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", quantize="int8")
-    assert g.model.output.native_int8
+    quantize, dtype = ("int8", "float32") if kind == "int8" else (None, "bfloat16")
+    g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", dtype=dtype, quantize=quantize)
+    assert g.model.output.native_int8 if kind == "int8" else native.ready()
     tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
     g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
     expected = g.model.forward(tokens, positions)[:, -1]
@@ -172,11 +174,22 @@ def test_native_int8_step(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tm
     torch._dynamo.reset()
     step = CompiledDecodeStep(g.model)
     assert not step.one_row_package
+    # bfloat16: the compiled step fuses the norms and rotary embedding, rounding where eager rounds otherwise.
+    atol = 1e-4 if kind == "int8" else 2 ** -7 * expected.abs().max().item()
     with torch.compiler.config.patch(force_disable_caches=True):
-        torch.testing.assert_close(step(tokens, positions), expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(step(tokens[:1], positions[:1]), expected[:1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step(tokens, positions), expected, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(step(tokens[:1], positions[:1]), expected[:1], atol=atol, rtol=1e-4)
     if ahead_of_time:
         assert [one_row for _, _, one_row in step._packages] == [False] and len(list(tmp_path.glob("decode-*.pt2"))) == 1
+        # A package made with the native kernels is never loaded without them (it would call ops not registered).
+        monkeypatch.setenv(native.VARIABLE, "off")
+        torch._dynamo.reset()
+        plain = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", dtype=dtype, quantize=quantize)
+        plain.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)
+        other = CompiledDecodeStep(plain.model)
+        with torch.compiler.config.patch(force_disable_caches=True):
+            torch.testing.assert_close(other(tokens, positions), expected, atol=2 ** -6 * expected.abs().max().item(), rtol=1e-3)
+        assert len(list(tmp_path.glob("decode-*.pt2"))) == 2
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])

@@ -1,5 +1,5 @@
-"""llama's native int8 kernel (llama/native.py): its products against float64, its refusals, when it is used,
-its build (kept once, never half-written, a failure falling back to torch's kernel)."""
+"""llama's native CPU matmuls (llama/native.py): their products against float64, their refusals, when they are
+used, their build (kept once, never half-written, a failure falling back to torch's kernels)."""
 
 import os
 import warnings
@@ -7,9 +7,11 @@ import warnings
 import pytest
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llama import native
+from llama.model import Linear
 from llama.quantize import QuantizedLinear, dequantize_int8, parse_quantize
 
 
@@ -19,7 +21,7 @@ def kernel(monkeypatch):
     monkeypatch.setenv(native.VARIABLE, "on")
     if not native.wanted():
         pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX2")
-    assert native.int8_matmul_ready(), "the native kernel did not build on an AVX2 CPU (see the warning)"
+    assert native.ready(), "the native kernel did not build on an AVX2 CPU (see the warning)"
     return torch.ops.llama_cpu.int8_matmul
 
 
@@ -48,6 +50,29 @@ def test_int8_matmul_is_the_float64_product_to_float32_rounding(kernel, rows, in
     assert ((y.double() - exact).abs() <= 2 ** -20 * scale_of_terms + output_rounding).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("in_features", [40, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_matmul_is_the_float64_product_to_float32_rounding(kernel, rows, in_features, dtype):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    weight = torch.randn(37, in_features, generator=g).to(torch.bfloat16)
+    y = torch.ops.llama_cpu.bf16_matmul(x, weight)
+    assert y.shape == (rows, 37) and y.dtype == dtype
+    exact = x.double() @ weight.double().T
+    output_rounding = exact.abs() * (2 ** -8 if dtype == torch.bfloat16 else 0)
+    assert ((y.double() - exact).abs() <= 2 ** -20 * (x.double().abs() @ weight.double().abs().T) + output_rounding).all()
+
+
+def test_bfloat16_linear_layers_use_the_kernel_where_it_is_wanted(kernel, monkeypatch):
+    layer = Linear(96, 24, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 5, 96).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x), torch.ops.llama_cpu.bf16_matmul(x, layer.weight), rtol=0, atol=0)
+    monkeypatch.setenv(native.VARIABLE, "off")
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=0, atol=0)
+    assert not torch.equal(torch.ops.llama_cpu.bf16_matmul(x, layer.weight), F.linear(x, layer.weight))  # not the same path
+
+
 def test_int8_matmul_keeps_leading_dimensions(kernel):
     x, q, scales = _operands(6, 64, 10, torch.float32)
     torch.testing.assert_close(kernel(x.view(2, 3, 64), q, scales), kernel(x, q, scales).view(2, 3, 10), rtol=0, atol=0)
@@ -65,6 +90,10 @@ def test_int8_matmul_refuses_what_it_cannot_multiply(kernel):
     ):
         with pytest.raises(RuntimeError, match=words):
             kernel(*args)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous bfloat16 matrix"):
+        torch.ops.llama_cpu.bf16_matmul(x, q)
+    with pytest.raises(RuntimeError, match="x has 64 features, the weight takes 32"):
+        torch.ops.llama_cpu.bf16_matmul(x, torch.zeros(3, 32, dtype=torch.bfloat16))
 
 
 def test_int8_layers_use_the_kernel_where_it_is_wanted(kernel, monkeypatch):
@@ -96,7 +125,7 @@ def test_the_setting_and_the_cpu_decide(monkeypatch):
         monkeypatch.setenv(native.VARIABLE, "on")
         assert native.wanted() is on
         monkeypatch.setenv(native.VARIABLE, "off")
-        assert native.wanted() is False and native.int8_matmul_ready() is False
+        assert native.wanted() is False and native.ready() is False
     monkeypatch.setenv(native.VARIABLE, "fast")
     with pytest.raises(ValueError, match="LLAMA_NATIVE_KERNELS='fast' is not a setting: use 'auto'"):
         native.wanted()
@@ -127,11 +156,11 @@ def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch):
         raise RuntimeError("g++ failed: no space left on device")
 
     monkeypatch.setattr(native, "build", fail)
-    with pytest.warns(RuntimeWarning, match="building llama's native int8 kernel failed .*no space left.*torch's kernel"):
-        assert native.int8_matmul_ready() is False
+    with pytest.warns(RuntimeWarning, match="building llama's native CPU kernels failed .*no space left.*torch's"):
+        assert native.ready() is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
-        assert native.int8_matmul_ready() is False
+        assert native.ready() is False
     layer = nn.Linear(64, 8, bias=False)
     quantized = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int8"), torch.float32)
     assert not quantized.native_int8 and quantized(torch.randn(2, 64)).shape == (2, 8)
