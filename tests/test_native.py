@@ -7,7 +7,6 @@ import warnings
 import pytest
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llama import native
@@ -64,13 +63,24 @@ def test_bf16_matmul_is_the_float64_product_to_float32_rounding(kernel, rows, in
     assert ((y.double() - exact).abs() <= 2 ** -20 * (x.double().abs() @ weight.double().abs().T) + output_rounding).all()
 
 
+def _ops_run(f) -> set:
+    with torch.profiler.profile() as profile:
+        f()
+    return {event.name for event in profile.events()}
+
+
 def test_bfloat16_linear_layers_use_the_kernel_where_it_is_wanted(kernel, monkeypatch):
     layer = Linear(96, 24, bias=False).to(torch.bfloat16)
     x = torch.randn(2, 5, 96).to(torch.bfloat16)
-    torch.testing.assert_close(layer(x), torch.ops.llama_cpu.bf16_matmul(x, layer.weight), rtol=0, atol=0)
-    monkeypatch.setenv(native.VARIABLE, "off")
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=0, atol=0)
-    assert not torch.equal(torch.ops.llama_cpu.bf16_matmul(x, layer.weight), F.linear(x, layer.weight))  # not the same path
+    with torch.no_grad():
+        assert "llama_cpu::bf16_matmul" in _ops_run(lambda: layer(x))
+        assert "llama_cpu::bf16_matmul" not in _ops_run(lambda: layer.float()(x.float()))  # float32: torch's
+        layer.bfloat16()
+        fast = layer(x)
+        monkeypatch.setenv(native.VARIABLE, "off")
+        assert "llama_cpu::bf16_matmul" not in _ops_run(lambda: layer(x))
+        # Both sum in float32 and round once: the same numbers here.
+        torch.testing.assert_close(fast, layer(x), rtol=0, atol=0)
 
 
 def test_int8_matmul_keeps_leading_dimensions(kernel):
