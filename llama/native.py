@@ -2,11 +2,13 @@
 compiler that torch.compile needs anyway, and kept once per machine (csrc/matmul_avx2.cpp):
 
 - ``llama_cpu::int8_matmul``: int8 layers (weight-only, per-channel scales);
-- ``llama_cpu::bf16_matmul``: bfloat16 models' linear layers (llama.model.Linear).
+- ``llama_cpu::bf16_matmul``: bfloat16 models' linear layers (llama.model.Linear);
+- ``llama_cpu::int8_int8_matmul``: w8a8's integer products, exactly ``torch._int_mm``'s.
 
 On CPUs with AVX2 but not AVX-512, torch's kernels for these (``_weight_int8pack_mm`` and inductor's template for
-it; its bfloat16 matmul) stream the weights at about half the speed at a decode step's rows, or worse, and the int8
-one rounds its input to bfloat16 first, which these do not (README, "Compiled decoding and quantized weights").
+it; its bfloat16 matmul; ``_int_mm``, a plain loop without VNNI) stream the weights at half the speed at a decode
+step's rows, or far worse, and the int8 one rounds its input to bfloat16 first, which these do not (README,
+"Compiled decoding and quantized weights").
 A compiled decode step calls them like any other op.
 
 LLAMA_NATIVE_KERNELS: "auto" (default) uses them where torch's best CPU code is AVX2; "on" on any CPU with AVX2
@@ -62,7 +64,7 @@ def _cpu_capability() -> str:
 
 
 def ready() -> bool:
-    """Whether llama's native kernels serve int8 layers and bfloat16 linear layers on CPU in this process: wanted
+    """Whether llama's native kernels serve int8, w8a8 and bfloat16 linear layers on CPU in this process: wanted
     here, and built and loaded (built by the first call on this machine, in seconds)."""
     global _loaded
     if not wanted():
@@ -75,7 +77,7 @@ def ready() -> bool:
 
 def _registered() -> bool:
     """Whether the op is already registered in this process (by this module, or a library loaded before)."""
-    return hasattr(torch.ops.llama_cpu, "int8_matmul") and hasattr(torch.ops.llama_cpu, "bf16_matmul")
+    return all(hasattr(torch.ops.llama_cpu, op) for op in ("int8_matmul", "bf16_matmul", "int8_int8_matmul"))
 
 
 def _load() -> bool:
@@ -85,11 +87,13 @@ def _load() -> bool:
         library = build()
         torch.ops.load_library(str(library))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(f"building llama's native CPU kernels failed ({error}); int8 and bfloat16 layers use torch's kernels. "
+        warnings.warn(f"building llama's native CPU kernels failed ({error}); int8, w8a8 and bfloat16 layers use torch's kernels. "
                       f"Set {VARIABLE}=off to skip the attempt.", RuntimeWarning, stacklevel=3)
         return False
     torch.library.register_fake("llama_cpu::int8_matmul")(lambda x, weight, scales: _output_like(x, weight))
     torch.library.register_fake("llama_cpu::bf16_matmul")(_output_like)
+    torch.library.register_fake("llama_cpu::int8_int8_matmul")(
+        lambda xq, q: xq.new_empty(xq.shape[0], q.shape[0], dtype=torch.int32))
     return True
 
 

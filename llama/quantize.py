@@ -58,6 +58,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from llama import native
 from llama.checkpoint import CheckpointError, LoadHook, StateDictReader, TensorSlice, require_regular_file, whole_plan
 from llama.quantized_linear import (  # noqa: F401 (the layer and its weight math, public here too)
     QuantizedLinear,
@@ -131,13 +132,13 @@ def check_support(scheme: QuantScheme, device: torch.device, dtype: torch.dtype)
         )
     if scheme.bits == 4 and device.type == "cuda" and dtype != torch.bfloat16:
         raise ValueError(f"quantize={scheme.name!r} on CUDA needs dtype=bfloat16 (torch's int4 kernel), got {dtype}")
-    if scheme.activations and not fast_int8_matmul():
+    if scheme.activations and not fast_int8_matmul() and not native.ready():
         # Right, only slow: a warning, not an error (once per process, from this line).
         warnings.warn(
             f"quantize={scheme.name!r} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512 VNNI or AMX): "
-            f"torch's int8 matmul (torch._int_mm) runs here without oneDNN's int8 kernels, several times slower than "
-            f"not quantizing at all (README: 'Compiled decoding and quantized weights'); quantize='int8' is the fast "
-            f"choice on this CPU",
+            f"torch's int8 matmul (torch._int_mm) runs here without oneDNN's int8 kernels, and llama's own kernels "
+            f"are off or did not build ({native.VARIABLE}), several times slower than not quantizing at all (README: "
+            f"'Compiled decoding and quantized weights'); quantize='int8' is the fast choice on this CPU",
             stacklevel=1)
 
 

@@ -89,14 +89,16 @@ def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scales).clamp_(-127, 127).to(torch.int8), scales
 
 
-def int8_dynamic_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_dynamic_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, native_kernel: bool = False) -> torch.Tensor:
     """x (rows, in) times the int8 weight q (out, in) with per-channel scales (out,), both operands in int8:
     x is quantized per row (quantize_rows), torch._int_mm sums the integer products exactly in int32, and
     the result is scaled by both scales in float32. On CPU, torch runs _int_mm with oneDNN's int8 kernels
     (VNNI/AMX where the CPU has them), and inductor's freezing passes turn this very pattern into its
-    prepacked int8 GEMM, which is why it is written as it is."""
+    prepacked int8 GEMM, which is why it is written as it is. native_kernel: the same sums by llama's own
+    kernel (llama/native.py), for CPUs without VNNI, where _int_mm is a plain loop."""
     xq, x_scales = quantize_rows(x)
-    return torch._int_mm(xq, q.t()).float() * x_scales * scales
+    products = torch.ops.llama_cpu.int8_int8_matmul(xq, q) if native_kernel else torch._int_mm(xq, q.t())
+    return products.float() * x_scales * scales
 
 
 def _inner_k_tiles(in_features: int) -> int:
@@ -163,9 +165,9 @@ class QuantizedLinear(nn.Module):
         # scales the (in / group, out, 2) scales and zeros.
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
-        # int8 on a CPU where llama's own kernel beats torch's (llama/native.py): decided once, when the layer is made.
-        self.native_int8 = scheme.bits == 8 and not scheme.activations and weight.device.type == "cpu" \
-            and scales.dtype == torch.bfloat16 and native.ready()
+        # int8 or w8a8 on a CPU where llama's own kernels beat torch's (llama/native.py): decided when the layer is made.
+        self.native_int8 = scheme.bits == 8 and weight.device.type == "cpu" and native.ready() \
+            and (scheme.activations is not None or scales.dtype == torch.bfloat16)
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> "QuantizedLinear":
@@ -185,13 +187,13 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.name}, parallel={self.parallel}"
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_int8 and x.device.type == "cpu":  # takes float32 inputs as they are
+        if self.native_int8 and x.device.type == "cpu" and not self.scheme.activations:  # float32 inputs as they are
             x2d = x.reshape(-1, self.in_features)
             y = torch.ops.llama_cpu.int8_matmul(x2d if x.dtype == torch.bfloat16 else x2d.float(), self.weight, self.scales)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         x2d = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
         if self.scheme.activations:
-            y = int8_dynamic_matmul(x2d, self.weight, self.scales)
+            y = int8_dynamic_matmul(x2d, self.weight, self.scales, native_kernel=self.native_int8 and x.device.type == "cpu")
         elif self.scheme.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(*self._int8_operands(x2d), self.scales)
         elif x.device.type == "cpu":

@@ -116,7 +116,7 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
                                                                       ahead_of_time, template_can, quantize):
     """Quantized layers go to inductor's C++ GEMM template; where it cannot do a quantized matmul (int4 without
     AVX-512, for one), torch's kernel serves (for w8a8, oneDNN's int8 linear that freezing puts in its place).
-    llama's native int8 kernel (AVX2 CPUs) is off here: test_native_int8_step has it."""
+    llama's native int8 kernel (AVX2 CPUs) is off here: test_native_kernels_in_the_step has it."""
     import torch._inductor.lowering  # noqa: F401 (first: importing quantized_lowerings alone is a circular import)
     import torch._inductor.quantized_lowerings as quantized_lowerings
     from llama.compiled import CompiledDecodeStep
@@ -154,19 +154,19 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
 
 
 @pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
-@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+@pytest.mark.parametrize("kind", ["int8", "w8a8", "bfloat16"])
 def test_native_kernels_in_the_step(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time, kind):
-    """int8 layers and a bfloat16 model's linear layers on llama's native kernels (forced on, as on AVX2 CPUs): the
-    compiled step calls them as eager does, with eager's numbers, and one package serves every row count."""
+    """int8 and w8a8 layers and a bfloat16 model's linear layers on llama's native kernels (forced on, as on AVX2
+    CPUs): the compiled step calls them as eager does, with eager's numbers, and one package serves every row count."""
     from llama import native
     from llama.compiled import CompiledDecodeStep
 
     monkeypatch.setenv(native.VARIABLE, "on")
     if not native.wanted():
         pytest.skip("this CPU has no AVX2")
-    quantize, dtype = ("int8", "float32") if kind == "int8" else (None, "bfloat16")
+    quantize, dtype = (None, "bfloat16") if kind == "bfloat16" else (kind, "float32")
     g = Llama.build(str(tiny_checkpoints[(2, 1)]), str(tiny_tokenizer_path), 16, 2, device="cpu", dtype=dtype, quantize=quantize)
-    assert g.model.output.native_int8 if kind == "int8" else native.ready()
+    assert native.ready() and (kind == "bfloat16" or g.model.output.native_int8)
     tokens, positions = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
     g.model.forward(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), 0)  # fill the cache
     expected = g.model.forward(tokens, positions)[:, -1]
@@ -174,7 +174,8 @@ def test_native_kernels_in_the_step(tiny_checkpoints, tiny_tokenizer_path, monke
     torch._dynamo.reset()
     step = CompiledDecodeStep(g.model)
     assert not step.one_row_package
-    # bfloat16: the compiled step fuses the norms and rotary embedding, rounding where eager rounds otherwise.
+    # bfloat16: the compiled step fuses the norms and rotary embedding, rounding where eager rounds otherwise; w8a8: it
+    # may round an input element half-way between two steps the other way.
     atol = 1e-4 if kind == "int8" else 2 ** -7 * expected.abs().max().item()
     with torch.compiler.config.patch(force_disable_caches=True):
         torch.testing.assert_close(step(tokens, positions), expected, atol=atol, rtol=1e-4)

@@ -119,10 +119,32 @@ def test_int8_layers_use_the_kernel_where_it_is_wanted(kernel, monkeypatch):
     exact = x.double() @ dequantize_int8(fast.weight, fast.scales).T
     fast_error, plain_error = ((f(x).double() - exact).abs().max().item() for f in (fast, plain))
     assert fast_error < 1e-5 < plain_error
-    w8a8 = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), torch.float32)
     monkeypatch.setenv(native.VARIABLE, "on")
-    assert not w8a8.native_int8  # w8a8 quantizes its input: never this kernel
     assert not QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("int4"), torch.float32).native_int8
+
+
+def test_w8a8_layers_take_the_same_integer_sums_from_the_kernel(kernel, monkeypatch):
+    """llama_cpu::int8_int8_matmul is torch._int_mm exactly (every row count, a tail past the last 32, activations
+    at -128), so a w8a8 layer on it returns the very numbers it returns on torch's kernel."""
+    g = torch.Generator().manual_seed(4)
+    for rows, in_features in ((1, 768), (3, 45), (8, 64), (13, 2048), (20, 32)):
+        xq = torch.randint(-128, 128, (rows, in_features), dtype=torch.int8, generator=g)
+        q = torch.randint(-127, 128, (50, in_features), dtype=torch.int8, generator=g)
+        products = torch.ops.llama_cpu.int8_int8_matmul(xq, q)
+        assert products.dtype == torch.int32 and torch.equal(products.long(), xq.long() @ q.long().T)
+    with pytest.raises(RuntimeError, match="xq has 45 features, q takes 32"):
+        torch.ops.llama_cpu.int8_int8_matmul(xq[:, :45] if xq.shape[1] > 45 else torch.zeros(2, 45, dtype=torch.int8), q)
+    with pytest.raises(RuntimeError, match="xq must be an int8 matrix"):
+        torch.ops.llama_cpu.int8_int8_matmul(xq.float(), q)
+    layer = nn.Linear(256, 48, bias=False)
+    x = torch.randn(5, 256, generator=g)
+    fast = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), torch.float32)
+    monkeypatch.setenv(native.VARIABLE, "off")
+    plain = QuantizedLinear.from_float(layer, layer.weight.detach(), parse_quantize("w8a8"), torch.float32)
+    assert fast.native_int8 and not plain.native_int8
+    with torch.no_grad():
+        assert "llama_cpu::int8_int8_matmul" in _ops_run(lambda: fast(x))
+        assert torch.equal(fast(x), plain(x))
 
 
 def test_the_setting_and_the_cpu_decide(monkeypatch):

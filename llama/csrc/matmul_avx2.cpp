@@ -1,9 +1,10 @@
 // llama's own CPU matmuls for AVX2 + FMA, y = x @ W.T for a weight W (out, in) kept as
 //   llama_cpu::int8_matmul(x, q, scales): int8 q with one bfloat16 scale per output channel, W = q * scales[:, None];
-//   llama_cpu::bf16_matmul(x, w): bfloat16 w.
+//   llama_cpu::bf16_matmul(x, w): bfloat16 w;
+// and llama_cpu::int8_int8_matmul(xq, q), w8a8's integer products: torch._int_mm(xq, q.T), exact in int32.
 // llama/native.py builds and loads them (see there for when they are used).
 //
-// Each weight is widened to float32 and multiplied with the float32 input (bfloat16 inputs are widened, never
+// In the first two, each weight is widened to float32 and multiplied with the float32 input (bfloat16 inputs are widened, never
 // rounded), so the weight is streamed once, in its own bytes, and the only error is float32 summation. Rows are
 // taken eight at a time, each weight widened once for the eight; output channels are split across torch's
 // intra-op threads.
@@ -131,14 +132,79 @@ at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& weight) {
   return matmul<BFloat16Weight>("bf16_matmul", x, weight, nullptr);
 }
 
+
+// The int32 sums of xq[m] * q[n] for M rows of xq and output channels n0..n1, 32 products a step: AVX2 multiplies
+// unsigned by signed bytes (pairs summed to int16), so x's sign moves onto the weight, which is exact while no
+// weight is -128 (int8 quantization makes them in [-127, 127]): a pair is at most 2 * 128 * 127 = 32512 < 2^15.
+template <int M>
+void int8_rows_times_int8(const int8_t* xq, int64_t in, const int8_t* q, int64_t out, int32_t* y, int64_t n0, int64_t n1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* weight_row = q + n * in;
+    __m256i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= in; k += 32) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_row + k));
+      for (int m = 0; m < M; ++m) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * in + k));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[m]), _mm256_extracti128_si256(acc[m], 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      int32_t dot = _mm_cvtsi128_si32(s);
+      for (int64_t j = k; j < in; ++j) dot += int32_t(weight_row[j]) * int32_t(xq[m * in + j]);
+      y[m * out + n] = dot;
+    }
+  }
+}
+
+at::Tensor int8_int8_matmul(const at::Tensor& xq, const at::Tensor& q) {
+  TORCH_CHECK(xq.device().is_cpu() && q.device().is_cpu(), "llama_cpu::int8_int8_matmul runs on CPU tensors only");
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && q.dim() == 2 && q.scalar_type() == at::kChar &&
+                  q.is_contiguous(),
+              "llama_cpu::int8_int8_matmul: xq must be an int8 matrix (rows, in) and q a contiguous int8 matrix (out, in)");
+  TORCH_CHECK(xq.size(1) == q.size(1), "llama_cpu::int8_int8_matmul: xq has ", xq.size(1), " features, q takes ",
+              q.size(1));
+  const at::Tensor x = xq.contiguous();
+  const int64_t in = q.size(1), out = q.size(0), rows = x.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kInt));
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  int32_t* yp = y.data_ptr<int32_t>();
+  at::parallel_for(0, out, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t r = 0; r < rows; r += 8) {
+      const int8_t* xr = xp + r * in;
+      int32_t* yr = yp + r * out;
+      switch (std::min<int64_t>(8, rows - r)) {
+        case 1: int8_rows_times_int8<1>(xr, in, qp, out, yr, n0, n1); break;
+        case 2: int8_rows_times_int8<2>(xr, in, qp, out, yr, n0, n1); break;
+        case 3: int8_rows_times_int8<3>(xr, in, qp, out, yr, n0, n1); break;
+        case 4: int8_rows_times_int8<4>(xr, in, qp, out, yr, n0, n1); break;
+        case 5: int8_rows_times_int8<5>(xr, in, qp, out, yr, n0, n1); break;
+        case 6: int8_rows_times_int8<6>(xr, in, qp, out, yr, n0, n1); break;
+        case 7: int8_rows_times_int8<7>(xr, in, qp, out, yr, n0, n1); break;
+        default: int8_rows_times_int8<8>(xr, in, qp, out, yr, n0, n1); break;
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_cpu, m) {
   m.def("int8_matmul(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("bf16_matmul(Tensor x, Tensor weight) -> Tensor");
+  m.def("int8_int8_matmul(Tensor xq, Tensor q) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("int8_matmul", &int8_matmul);
   m.impl("bf16_matmul", &bf16_matmul);
+  m.impl("int8_int8_matmul", &int8_int8_matmul);
 }
