@@ -83,6 +83,24 @@ void rows_times_weight(const float* x, int64_t in, const typename W::type* weigh
   }
 }
 
+// run.template operator()<M>(r) for each block of at most eight rows from row r, M its row count: one kernel
+// instance per count keeps a block's accumulators in registers.
+template <typename Run>
+void in_blocks_of_eight(int64_t rows, Run&& run) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    switch (std::min<int64_t>(8, rows - r)) {
+      case 1: run.template operator()<1>(r); break;
+      case 2: run.template operator()<2>(r); break;
+      case 3: run.template operator()<3>(r); break;
+      case 4: run.template operator()<4>(r); break;
+      case 5: run.template operator()<5>(r); break;
+      case 6: run.template operator()<6>(r); break;
+      case 7: run.template operator()<7>(r); break;
+      default: run.template operator()<8>(r); break;
+    }
+  }
+}
+
 template <typename W>
 at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight, const uint16_t* scales) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "llama_cpu::", op, " runs on CPU tensors only");
@@ -97,20 +115,9 @@ at::Tensor matmul(const char* op, const at::Tensor& x, const at::Tensor& weight,
   const auto* wp = reinterpret_cast<const typename W::type*>(weight.data_ptr());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < rows; r += 8) {
-      const float* xr = xp + r * in;
-      float* yr = yp + r * out;
-      switch (std::min<int64_t>(8, rows - r)) {
-        case 1: rows_times_weight<W, 1>(xr, in, wp, scales, out, yr, n0, n1); break;
-        case 2: rows_times_weight<W, 2>(xr, in, wp, scales, out, yr, n0, n1); break;
-        case 3: rows_times_weight<W, 3>(xr, in, wp, scales, out, yr, n0, n1); break;
-        case 4: rows_times_weight<W, 4>(xr, in, wp, scales, out, yr, n0, n1); break;
-        case 5: rows_times_weight<W, 5>(xr, in, wp, scales, out, yr, n0, n1); break;
-        case 6: rows_times_weight<W, 6>(xr, in, wp, scales, out, yr, n0, n1); break;
-        case 7: rows_times_weight<W, 7>(xr, in, wp, scales, out, yr, n0, n1); break;
-        default: rows_times_weight<W, 8>(xr, in, wp, scales, out, yr, n0, n1); break;
-      }
-    }
+    in_blocks_of_eight(rows, [&]<int M>(int64_t r) {
+      rows_times_weight<W, M>(xp + r * in, in, wp, scales, out, yp + r * out, n0, n1);
+    });
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out;
@@ -177,20 +184,9 @@ at::Tensor int8_int8_matmul(const at::Tensor& xq, const at::Tensor& q) {
   const int8_t* qp = q.data_ptr<int8_t>();
   int32_t* yp = y.data_ptr<int32_t>();
   at::parallel_for(0, out, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < rows; r += 8) {
-      const int8_t* xr = xp + r * in;
-      int32_t* yr = yp + r * out;
-      switch (std::min<int64_t>(8, rows - r)) {
-        case 1: int8_rows_times_int8<1>(xr, in, qp, out, yr, n0, n1); break;
-        case 2: int8_rows_times_int8<2>(xr, in, qp, out, yr, n0, n1); break;
-        case 3: int8_rows_times_int8<3>(xr, in, qp, out, yr, n0, n1); break;
-        case 4: int8_rows_times_int8<4>(xr, in, qp, out, yr, n0, n1); break;
-        case 5: int8_rows_times_int8<5>(xr, in, qp, out, yr, n0, n1); break;
-        case 6: int8_rows_times_int8<6>(xr, in, qp, out, yr, n0, n1); break;
-        case 7: int8_rows_times_int8<7>(xr, in, qp, out, yr, n0, n1); break;
-        default: int8_rows_times_int8<8>(xr, in, qp, out, yr, n0, n1); break;
-      }
-    }
+    in_blocks_of_eight(rows, [&]<int M>(int64_t r) {
+      int8_rows_times_int8<M>(xp + r * in, in, qp, out, yp + r * out, n0, n1);
+    });
   });
   return y;
 }
