@@ -1,4 +1,4 @@
-"""Quantization of the transformer's linear layers, run by PyTorch's own kernels.
+"""Quantization of the transformer's linear layers, run by PyTorch's own kernels (and on AVX2 CPUs by llama's).
 
 Schemes (the ``quantize`` argument of ``Llama.build``):
 
@@ -7,7 +7,8 @@ Schemes (the ``quantize`` argument of ``Llama.build``):
   best torch code is AVX2, llama's own ``llama_cpu::int8_matmul`` (llama/native.py; float32 inputs kept as they are).
 - ``"w8a8"`` (CPU only): the same int8 weights, and each row of a layer's input (each token) quantized
   to int8 as it arrives, with its own scale max|x_row| / 127; the integer products are summed exactly
-  (``torch._int_mm``, oneDNN's int8 kernels) and scaled in float32 (see
+  (``torch._int_mm``, oneDNN's int8 kernels; on AVX2 CPUs llama's own ``llama_cpu::int8_int8_matmul``, the
+  same sums) and scaled in float32 (see
   ``quantized_linear.int8_dynamic_matmul``). This is what llama.cpp's q8_0 does on CPU (there with a
   scale per 32 values): on CPUs with VNNI or AMX it decodes and reads prompts faster than int8, at the
   cost of the activations' rounding. torch's int8 matmul on CUDA needs more than 16 rows, so a decode
@@ -17,8 +18,8 @@ Schemes (the ``quantize`` argument of ``Llama.build``):
   min/max): q in [0, 15] with w ~= (q - 8) * scale + zero, the layout of torch's int4 kernels.
   Matmul: ``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA (bfloat16 only).
 
-On CPU the weight-only matmuls (but int8's on AVX2 CPUs, above) compute in bfloat16 whatever the model's dtype: torch's CPU int8 and int4
-kernels are vectorized only for bfloat16 inputs (their float32 and float16 paths run scalar code, 15 to
+On CPU the weight-only matmuls (except int8's on AVX2 CPUs, above) compute in bfloat16 whatever the model's
+dtype: torch's CPU int8 and int4 kernels are vectorized only for bfloat16 inputs (their float32 and float16 paths run scalar code, 15 to
 130 times slower, slower than not quantizing at all). So on CPU such a layer rounds its input to
 bfloat16, accumulates in float32 and returns its bfloat16 result in the model's dtype, and its scales are
 bfloat16 (the weights are rounded against those scales, so this adds no weight error). Everything else

@@ -1,4 +1,5 @@
-"""QuantizedLinear: a bias-free linear layer with an int8 or int4 weight, run by torch's own kernels,
+"""QuantizedLinear: a bias-free linear layer with an int8 or int4 weight, run by torch's own kernels (int8 and w8a8
+on AVX2 CPUs by llama's, llama/native.py),
 and the math behind it (quantizing one matrix or a batch of activations, torch's int4 packing and its inverse).
 See llama/quantize.py for the schemes and for quantizing whole models."""
 
