@@ -153,11 +153,13 @@ def test_quantized_step_on_cpu_uses_the_gemm_template_or_torch_kernels(tiny_chec
     assert len(list(tmp_path.glob("decode-*.pt2"))) == len(step._packages)
 
 
-@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "in-process"])
-@pytest.mark.parametrize("kind", ["int8", "w8a8", "bfloat16"])
+@pytest.mark.parametrize("kind,ahead_of_time", [("int8", True), ("w8a8", True), ("bfloat16", True), ("bfloat16", False)],
+                         ids=["int8", "w8a8", "bfloat16", "bfloat16-in-process"])
 def test_native_kernels_in_the_step(tiny_checkpoints, tiny_tokenizer_path, monkeypatch, tmp_path, ahead_of_time, kind):
     """int8 and w8a8 layers and a bfloat16 model's linear layers on llama's native kernels (forced on, as on AVX2
-    CPUs): the compiled step calls them as eager does, with eager's numbers, and one package serves every row count."""
+    CPUs): the compiled step calls them as eager does, with eager's numbers, and one package serves every row count.
+    In the process likewise (bfloat16 only, where the layer's choice of kernel goes through dynamo, not export).
+    A process without the kernels compiles a package of its own (int8)."""
     from llama import native
     from llama.compiled import CompiledDecodeStep
 
@@ -182,6 +184,7 @@ def test_native_kernels_in_the_step(tiny_checkpoints, tiny_tokenizer_path, monke
         torch.testing.assert_close(step(tokens[:1], positions[:1]), expected[:1], atol=atol, rtol=1e-4)
     if ahead_of_time:
         assert [one_row for _, _, one_row in step._packages] == [False] and len(list(tmp_path.glob("decode-*.pt2"))) == 1
+    if kind == "int8":
         # A package made with the native kernels is never loaded without them (it would call ops not registered).
         monkeypatch.setenv(native.VARIABLE, "off")
         torch._dynamo.reset()
