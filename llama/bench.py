@@ -23,7 +23,7 @@ import torch.distributed as dist
 from llama.checks import check_seed, is_int
 from llama.device import resolve_device, resolve_dtype
 from llama.distributed import global_rank, setup_model_parallel
-from llama import hf_baseline, llamacpp_baseline, native
+from llama import hf_baseline, llamacpp_baseline
 from llama import quantize as quantization
 from llama.generation import Llama
 from llama.measure import (  # noqa: F401 (quantization_error: bench.quantization_error)
@@ -31,6 +31,7 @@ from llama.measure import (  # noqa: F401 (quantization_error: bench.quantizatio
     quantization_error, reduce, report, time_generators, tokens_equal_share, weight_bytes,
 )
 from llama.model import Linear, Transformer
+from llama.quantized_linear import native_int8_layers
 from llama.random_model import SHAPES, NoTextTokenizer, build_random_model  # noqa: F401 (SHAPES: bench.SHAPES)
 
 
@@ -241,10 +242,9 @@ def run(shape: str = "134M", device: Optional[str] = None, dtype: Optional[str] 
 def _native_kernels(model: Transformer) -> Optional[str]:
     """Which of the model's matmuls run on llama's own kernels (llama/native.py), in words, or None."""
     kinds = []
-    if any(getattr(m, "native_int8", False) for m in model.modules()):
+    if native_int8_layers(model):
         kinds.append("int8")
-    wq = model.layers[0].attention.wq  # model.Linear (not fairscale's, not quantized) takes them in bfloat16
-    if native.ready() and isinstance(wq, Linear) and wq.weight.dtype == torch.bfloat16 and wq.weight.is_cpu:
+    if any(isinstance(m, Linear) and m.native_bf16() for m in model.modules()):
         kinds.append("bfloat16")
     return " and ".join(kinds) or None
 

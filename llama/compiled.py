@@ -34,7 +34,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from llama import compile_cache, native
 from llama.distributed import model_parallel_world_size
 from llama.model import KVCache, Part, Transformer
-from llama.quantized_linear import QuantizedLinear
+from llama.quantized_linear import QuantizedLinear, native_int8_layers
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ def _template_quantized(model: Transformer) -> bool:
     """Whether the model has int8 or int4 layers that keep their input in floating point (not w8a8) and are
     multiplied by torch's kernels, which inductor's GEMM template replaces (not by llama's native int8 kernel)."""
     return any(isinstance(m, QuantizedLinear) and not m.scheme.activations and not m.native_int8 for m in model.modules())
-
-
-def _native_int8(model: Transformer) -> bool:
-    return any(isinstance(m, QuantizedLinear) and m.native_int8 for m in model.modules())
 
 
 def _onednn_matmuls(model: Transformer) -> bool:
@@ -295,7 +291,7 @@ class CompiledDecodeStep:
             keys = {0: torch.export.Dim("keys", min=min_keys, max=max_len - 1)} if max_len - 1 > self.kv_bucket else None
             settings = {"args": repr(self.model.params), "cache": self.model.cache_shape, "kv_bucket": self.kv_bucket,
                         "gemm": self._gemm_backends, "attention_block": self._module.attention_block, "one_row": one_row,
-                        "native": (native.ready(), _native_int8(self.model))}  # a package calls the ops it was made with
+                        "native": (native.ready(), native_int8_layers(self.model))}  # a package calls the ops it was made with
             path = self._package_dir / f"decode-{compile_cache.package_key(self.model, settings)}.pt2"
             if batch is not None:  # oneDNN packs the weights for the example's row count
                 rows = min(slots, ONEDNN_PACKED_ROWS)

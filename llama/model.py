@@ -64,8 +64,12 @@ class Linear(nn.Linear):
     x @ weight^T, which it handles well only for a single row or for many. Compiled and exported graphs keep
     F.linear there, which inductor matches to its own kernels."""
 
+    def native_bf16(self) -> bool:
+        """Whether this layer multiplies by llama's own bfloat16 kernel (llama/native.py)."""
+        return self.weight.dtype == torch.bfloat16 and self.weight.is_cpu and self.bias is None and _native_kernels()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None and _native_kernels():
+        if self.native_bf16():
             return torch.ops.llama_cpu.bf16_matmul(x, self.weight)
         # is_compiling() first: tracing must never compare rows, or the graph is guarded to its example's batch
         # size (export then refuses a dynamic batch whose example has 8 rows or more).

@@ -69,6 +69,8 @@ def ready() -> bool:
     global _loaded
     if not wanted():
         return False
+    if _loaded is not None:  # decided: no lock on the layers' hot path
+        return _loaded
     with _lock:
         if _loaded is None:
             _loaded = _load()

@@ -188,13 +188,14 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.name}, parallel={self.parallel}"
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_int8 and x.device.type == "cpu" and not self.scheme.activations:  # float32 inputs as they are
+        native_kernel = self.native_int8 and x.device.type == "cpu"
+        if native_kernel and not self.scheme.activations:  # float32 inputs as they are
             x2d = x.reshape(-1, self.in_features)
             y = torch.ops.llama_cpu.int8_matmul(x2d if x.dtype == torch.bfloat16 else x2d.float(), self.weight, self.scales)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         x2d = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
         if self.scheme.activations:
-            y = int8_dynamic_matmul(x2d, self.weight, self.scales, native_kernel=self.native_int8 and x.device.type == "cpu")
+            y = int8_dynamic_matmul(x2d, self.weight, self.scales, native_kernel=native_kernel)
         elif self.scheme.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(*self._int8_operands(x2d), self.scales)
         elif x.device.type == "cpu":
@@ -256,6 +257,11 @@ class QuantizedLinear(nn.Module):
 
 def _pairs(q: torch.Tensor) -> torch.Tensor:
     return (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8)
+
+
+def native_int8_layers(model: nn.Module) -> bool:
+    """Whether any of model's int8 or w8a8 layers multiplies by llama's own kernels (llama/native.py)."""
+    return any(isinstance(m, QuantizedLinear) and m.native_int8 for m in model.modules())
 
 
 def parallel_kind(layer: nn.Module) -> Tuple[str, bool]:
